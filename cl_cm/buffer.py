@@ -1,0 +1,464 @@
+"""The buffer of critical entries shared by Adam+CM and Adam+CG.
+
+Each parameter group keeps up to C = ``buffer_size`` entries. An entry is a
+copy of one past step's momentum (Adam+CM, Malviya et al. 2024, Alg. 1) or
+gradient (Adam+CG, McRae et al. 2022, Alg. 1), stored with a *priority*: the
+L2 norm of that step's gradient over the whole group, multiplied by ``decay``
+(λ) after every step so that old entries fade. A new entry fills a free slot,
+or replaces the lowest-priority entry when its own priority is higher.
+
+How the buffer lives in the optimizer state (per parameter, lazily created as
+torch's Adam does, plain tensors so that ``state_dict`` works and
+``torch.load(weights_only=True)`` reads it):
+
+* ``buffer``: a ``(C, *param.shape)`` tensor in ``buffer_dtype``; rows
+  ``0..n-1`` are the stored entries;
+* ``buffer_sum``: the sum of those n rows, kept up to date at every insertion so
+  that mean(B) costs one read per step instead of C;
+* ``priority``: a list of n floats. Every parameter of a group holds the same
+  list, so the row ``i`` of every parameter belongs to the same step: the
+  buffer of a group is one buffer of whole-model momenta, stored in slices.
+
+Insertion decisions are taken on the host from one gathered norm per group, so
+a step synchronises with the device once, whatever the number of tensors.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _kernels
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class GroupTensors:
+    """The tensors of one parameter group for one step."""
+
+    params: list[Tensor] = field(default_factory=list)   # parameters with a gradient
+    grads: list[Tensor] = field(default_factory=list)
+    states: list[dict] = field(default_factory=list)     # their states
+    members: list[dict] = field(default_factory=list)    # every state holding buffer rows
+    member_grads: list[Tensor | None] = field(default_factory=list)
+    priority: list[float] = field(default_factory=list)  # the group's priorities
+
+
+def choose_slot(priority: list[float], new_priority: float, capacity: int) -> tuple[int | None, bool]:
+    """Where a new entry goes (step 6 of Adam+CM's Alg. 1).
+
+    Returns ``(slot, occupied)``: the next free slot while |B| < C; otherwise the
+    slot of the lowest priority if ``new_priority`` is strictly higher, else
+    ``(None, False)`` and the entry is dropped.
+    """
+    n = len(priority)
+    if n < capacity:
+        return n, False
+    if n == 0:
+        return None, False
+    lowest = min(range(n), key=priority.__getitem__)
+    if new_priority > priority[lowest]:
+        return lowest, True
+    return None, False
+
+
+def insert_entry(members: list[dict], entries: list[Tensor | None], slot: int,
+                 occupied: bool, foreach: bool) -> None:
+    """Write ``entries`` into row ``slot`` of every member's buffer and keep
+    ``buffer_sum`` equal to the sum of the stored (dtype-rounded) rows.
+
+    ``None`` entries store zeros (a parameter without a gradient this step).
+    """
+    rows = [st["buffer"][slot] for st in members]
+    sums = [st["buffer_sum"] for st in members]
+    if occupied:
+        _sub_(sums, rows, foreach)
+    for row, entry in zip(rows, entries):
+        if entry is None:
+            row.zero_()
+        else:
+            row.copy_(entry)
+    _add_(sums, rows, foreach)
+
+
+def _sub_(xs: list[Tensor], ys: list[Tensor], foreach: bool) -> None:
+    if foreach and all(x.dtype == y.dtype for x, y in zip(xs, ys)):
+        torch._foreach_sub_(xs, ys)
+    else:
+        for x, y in zip(xs, ys):
+            x.sub_(y)
+
+
+def _add_(xs: list[Tensor], ys: list[Tensor], foreach: bool) -> None:
+    if foreach and all(x.dtype == y.dtype for x, y in zip(xs, ys)):
+        torch._foreach_add_(xs, ys)
+    else:
+        for x, y in zip(xs, ys):
+            x.add_(y)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_common_hyperparameters(group: dict) -> None:
+    """Raise ``ValueError`` naming the first invalid hyperparameter of ``group``."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor) or not _is_real(lr) or not lr >= 0.0:
+        raise ValueError(f"Invalid lr: {lr!r}. lr must be a float >= 0.")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas: {betas!r}. betas must be a pair (beta1, beta2).")
+    for i, beta in enumerate(betas):
+        if not _is_real(beta) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid betas[{i}]: {beta!r}. Each beta must lie in [0, 1).")
+    eps = group["eps"]
+    if not _is_real(eps) or not eps >= 0.0:
+        raise ValueError(f"Invalid eps: {eps!r}. eps must be >= 0.")
+    wd = group["weight_decay"]
+    if not _is_real(wd) or not wd >= 0.0:
+        raise ValueError(f"Invalid weight_decay: {wd!r}. weight_decay must be >= 0.")
+    size = group["buffer_size"]
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
+        raise ValueError(f"Invalid buffer_size: {size!r}. buffer_size must be an int >= 0 (0 turns the buffer off).")
+    decay = group["decay"]
+    if not _is_real(decay) or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"Invalid decay: {decay!r}. decay (lambda) must lie in [0, 1].")
+    kappa = group["kappa"]
+    if not _is_real(kappa) or not (math.isfinite(kappa) and kappa >= 0.0):
+        raise ValueError(f"Invalid kappa: {kappa!r}. kappa must be a finite float >= 0.")
+    dtype = group.get("buffer_dtype")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"Invalid buffer_dtype: {dtype!r}. Use None or a floating torch.dtype such as torch.bfloat16.")
+    if group.get("foreach") and group.get("fused"):
+        raise ValueError("Invalid foreach/fused: choose at most one of foreach=True and fused=True.")
+
+
+class CriticalBufferOptimizer(Optimizer):
+    """Base class of :class:`~cl_cm.AdamCM` and :class:`~cl_cm.AdamCG`.
+
+    It owns the buffer (state layout, insertion, priority decay, resizing,
+    statistics) and the step's skeleton; a subclass supplies the update rule
+    (:meth:`_update`) and what an entry is (:meth:`_entries`).
+
+    A step whose gradients contain NaN or Inf is **skipped and counted**: no
+    parameter, moment or buffer changes, :attr:`skipped_steps` grows by one and
+    a ``RuntimeWarning`` is issued. This matches what ``torch.amp.GradScaler``
+    does with an overflowing step.
+    """
+
+    #: What an entry of the buffer is: "momentum" (Adam+CM) or "gradient" (Adam+CG).
+    stores: str = ""
+
+    def __init__(self, params: Iterable, defaults: dict) -> None:
+        self._check_group(defaults)
+        #: Number of steps skipped because a gradient was NaN or Inf.
+        self.skipped_steps = 0
+        self._counts = {"full": 0, "replaced": 0}
+        self._workspace = _kernels.Workspace()
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def _check_group(self, group: dict) -> None:
+        check_common_hyperparameters(group)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group; its parameters get their own buffers when they first
+        receive a gradient (as Avalanche does when a model grows)."""
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    def _group_priority(self, group: dict) -> list[float]:
+        for p in group["params"]:
+            state = self.state.get(p)
+            if state and "priority" in state:
+                return state["priority"]
+        return []
+
+    def _group_states(self, group: dict) -> list[dict]:
+        return [st for p in group["params"] if (st := self.state.get(p)) and "step" in st]
+
+    def _init_state(self, p: Tensor, state: dict, group: dict, priority: list[float]) -> None:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        capacity = group["buffer_size"]
+        if capacity:
+            # Rows of entries stored before this parameter existed are zeros:
+            # its momentum and gradient were zero then.
+            state["buffer"] = p.new_zeros((capacity, *p.shape), dtype=group["buffer_dtype"] or p.dtype)
+            state["buffer_sum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["priority"] = priority
+
+    def _gather(self, group: dict) -> GroupTensors:
+        out = GroupTensors(priority=self._group_priority(group))
+        for p in group["params"]:
+            grad = p.grad
+            if grad is not None:
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients: use dense "
+                        "gradients (e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam."
+                    )
+                if torch.is_complex(p):
+                    raise RuntimeError(f"{type(self).__name__} does not support complex parameters.")
+                state = self.state[p]
+                if "step" not in state:
+                    self._init_state(p, state, group, out.priority)
+                out.params.append(p)
+                out.grads.append(grad)
+                out.states.append(state)
+            else:
+                state = self.state.get(p)
+                if not state or "step" not in state:
+                    continue
+            out.members.append(state)
+            out.member_grads.append(grad)
+        capacity = group["buffer_size"]
+        if any(_capacity(st) != capacity for st in out.members):
+            self._fit_buffer(group, capacity, out.members)
+            out.priority = self._group_priority(group)
+        return out
+
+    def _fit_buffer(self, group: dict, capacity: int, states: list[dict]) -> None:
+        """Give every state ``capacity`` rows, keeping the highest-priority
+        entries (in their order) and freeing the buffer when capacity is 0."""
+        if not states:
+            return
+        priority = states[0]["priority"]
+        ranked = sorted(range(len(priority)), key=lambda i: -priority[i])
+        keep = sorted(ranked[:capacity])
+        kept_priority = [priority[i] for i in keep]
+        for st in states:
+            old = st.get("buffer")
+            if capacity == 0:
+                st.pop("buffer", None)
+                st.pop("buffer_sum", None)
+            else:
+                like = st["exp_avg"]
+                new = like.new_zeros((capacity, *like.shape), dtype=group["buffer_dtype"] or like.dtype)
+                if keep and old is not None:
+                    new[: len(keep)] = old[keep]
+                st["buffer"] = new
+                st["buffer_sum"] = _row_sum(new, len(keep), like.dtype)
+            st["priority"] = kept_priority
+
+    # -------------------------------------------------------------------- step
+    def _implementation(self, group: dict, params: list[Tensor]) -> tuple[bool, bool]:
+        """(foreach, fused): torch's fused Adam kernel when every tensor allows
+        it (CPU or CUDA, floating point), else foreach; as chosen by the user."""
+        foreach, fused = group["foreach"], group["fused"]
+        if foreach is None and fused is None:
+            fused = all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES
+                        and type(p) in (Tensor, torch.nn.Parameter) for p in params)
+            foreach = not fused
+        return bool(foreach), bool(fused)
+
+    def _priorities(self, work: list[GroupTensors], groups: list[dict]) -> list[float | None]:
+        """Step 5: p_t = ‖g_t‖₂ over each group, gathered with one host sync."""
+        norms = [
+            _kernels.global_norm(w.grads, bool(g.get("reference_compat"))) if w.params else None
+            for w, g in zip(work, groups)
+        ]
+        present = [n for n in norms if n is not None]
+        if not present:
+            return [None] * len(norms)
+        device = present[0].device
+        values = iter(torch.stack([n.to(device, torch.float64) for n in present]).tolist())
+        return [next(values) if n is not None else None for n in norms]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimisation step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [self._gather(group) for group in self.param_groups]
+        priorities = self._priorities(work, self.param_groups)
+        if any(p is not None and not math.isfinite(p) for p in priorities):
+            self.skipped_steps += 1
+            warnings.warn(
+                f"{type(self).__name__}: skipped a step with NaN/Inf gradients "
+                f"(optimizer.skipped_steps = {self.skipped_steps}); parameters, moments and "
+                "buffer are unchanged.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss
+        for group, w, p_t in zip(self.param_groups, work, priorities):
+            if w.params:
+                self._step_group(group, w, p_t)
+        return loss
+
+    def _step_group(self, group: dict, w: GroupTensors, p_t: float) -> None:
+        foreach, fused = self._implementation(group, w.params)
+        entries = self._update(group, w, foreach, fused)
+        capacity = group["buffer_size"]
+        if not capacity:
+            return
+        priority = list(w.priority)
+        slot, occupied = choose_slot(priority, p_t, capacity)
+        if len(priority) >= capacity:
+            self._counts["full"] += 1
+            self._counts["replaced"] += slot is not None
+        if slot is not None:
+            insert_entry(w.members, entries, slot, occupied, foreach or fused)
+            if occupied:
+                priority[slot] = p_t
+            else:
+                priority.append(p_t)
+        decay = group["decay"]  # step 7: priorities fade by lambda every step
+        priority = [q * decay for q in priority]
+        for st in w.members:
+            st["priority"] = priority
+
+    def _update(self, group: dict, w: GroupTensors, foreach: bool, fused: bool) -> list[Tensor | None]:
+        """Apply the update rule to ``w.params`` and return the entries to offer
+        the buffer, aligned with ``w.members``."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------- checkpointing
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict, buffers included.
+
+        torch casts every floating-point state tensor to the parameter's dtype
+        and device; this puts ``buffer`` back in ``buffer_dtype`` and ``step``
+        on the CPU, where the host reads it without a device sync.
+        """
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                if "step" in st:
+                    st["step"] = st["step"].to("cpu", torch.float32)
+                if "buffer" in st and group["buffer_dtype"] is not None:
+                    st["buffer"] = st["buffer"].to(group["buffer_dtype"])
+
+    # ---------------------------------------------------------- buffer control
+    def reset_buffer(self) -> None:
+        """Empty every buffer (capacity unchanged); moments are kept."""
+        for group in self.param_groups:
+            empty: list[float] = []
+            for st in self._group_states(group):
+                st["priority"] = empty
+                if "buffer_sum" in st:
+                    st["buffer_sum"].zero_()
+
+    @torch.no_grad()
+    def decay_buffer(self, factor: float) -> None:
+        """Scale every stored entry and its priority by ``factor`` in [0, 1]:
+        old entries weigh less in mean(B) and are replaced sooner."""
+        if not _is_real(factor) or not 0.0 <= factor <= 1.0:
+            raise ValueError(f"Invalid factor: {factor!r}. decay_buffer needs a factor in [0, 1].")
+        for group in self.param_groups:
+            states = self._group_states(group)
+            if not states:
+                continue
+            priority = states[0]["priority"]
+            n = len(priority)
+            scaled = [q * factor for q in priority]
+            for st in states:
+                if n and "buffer" in st:
+                    st["buffer"][:n].mul_(factor)
+                    st["buffer_sum"] = _row_sum(st["buffer"], n, st["exp_avg"].dtype)
+                st["priority"] = scaled
+
+    @torch.no_grad()
+    def resize_buffer(self, size: int) -> None:
+        """Set every group's capacity to ``size``, keeping the ``size``
+        highest-priority entries; 0 turns the buffer off and frees its memory."""
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
+            raise ValueError(f"Invalid buffer_size: {size!r}. resize_buffer needs an int >= 0.")
+        for group in self.param_groups:
+            group["buffer_size"] = int(size)
+            self._fit_buffer(group, int(size), self._group_states(group))
+
+    @torch.no_grad()
+    def buffer_stats(self) -> dict[str, float]:
+        """Diagnostics of the buffers, summed or averaged over groups.
+
+        * ``size``, ``capacity``: stored entries and slots, summed over groups;
+        * ``mean_priority``: mean priority of the stored entries (NaN if none);
+        * ``replacement_rate``: among the steps since the last call at which a
+          buffer was full, the fraction whose new entry replaced the
+          lowest-priority one (NaN if no buffer was full);
+        * ``exploration``: ‖mean(B)‖ / ‖m‖, the size of the buffer term
+          relative to Adam's momentum, over all parameters (0 when empty);
+        * ``cosine_similarity``: mean pairwise cosine similarity of the stored
+          entries of a group (whole-group vectors), the paper's gradient
+          cancellation diagnostic (NaN with fewer than 2 entries);
+        * ``skipped_steps``: steps skipped for NaN/Inf gradients so far.
+        """
+        size = capacity = 0
+        priorities: list[float] = []
+        mean_sq: list[Tensor] = []
+        momentum_sq: list[Tensor] = []
+        cos_sum, pairs = 0.0, 0
+        for group in self.param_groups:
+            capacity += group["buffer_size"]
+            states = self._group_states(group)
+            if not states:
+                continue
+            priority = states[0]["priority"]
+            n = len(priority)
+            size += n
+            priorities += priority
+            momentum_sq += [st["exp_avg"].double().pow(2).sum() for st in states]
+            if not n:
+                continue
+            mean_sq += [st["buffer_sum"].double().pow(2).sum() / n**2 for st in states]
+            if n >= 2:
+                gram = sum(_gram(st["buffer"][:n]) for st in states)
+                diag = gram.diagonal().clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+                cos = gram / diag[:, None] / diag[None, :]
+                iu = torch.triu_indices(n, n, offset=1)
+                cos_sum += float(cos[iu[0], iu[1]].sum())
+                pairs += n * (n - 1) // 2
+        m_norm = math.sqrt(float(sum(t.item() for t in momentum_sq))) if momentum_sq else 0.0
+        b_norm = math.sqrt(float(sum(t.item() for t in mean_sq))) if mean_sq else 0.0
+        full, replaced = self._counts["full"], self._counts["replaced"]
+        self._counts = {"full": 0, "replaced": 0}
+        return {
+            "size": size,
+            "capacity": capacity,
+            "mean_priority": sum(priorities) / len(priorities) if priorities else math.nan,
+            "replacement_rate": replaced / full if full else math.nan,
+            "exploration": (b_norm / m_norm if m_norm > 0 else math.nan) if size else 0.0,
+            "cosine_similarity": cos_sum / pairs if pairs else math.nan,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def buffer_nbytes(self) -> int:
+        """Bytes held by the stored entries (the ``buffer`` tensors)."""
+        return sum(st["buffer"].numel() * st["buffer"].element_size()
+                   for st in self.state.values() if "buffer" in st)
+
+
+def _capacity(state: dict) -> int:
+    buf = state.get("buffer")
+    return 0 if buf is None else buf.shape[0]
+
+
+def _row_sum(buffer: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    if n == 0:
+        return torch.zeros(buffer.shape[1:], dtype=dtype, device=buffer.device)
+    return buffer[:n].sum(dim=0, dtype=dtype)
+
+
+def _gram(rows: Tensor) -> Tensor:
+    flat = rows.reshape(rows.shape[0], -1).double()
+    return flat @ flat.T

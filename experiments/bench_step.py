@@ -1,0 +1,151 @@
+"""Time one optimizer step on a ResNet-18-sized parameter set (11.2M parameters).
+
+    python -m experiments.bench_step [--device cpu|cuda] [--steps 30] [--buffer-size 5]
+
+The optimizers take turns, one step each, on the same gradients. Every
+step gets a fresh gradient (a random draw scaled by a random factor, so
+that gradient norms differ and buffer entries get replaced). For each
+optimizer it prints the median step time, its ratio to torch.optim.Adam with
+foreach=True and with fused=True measured in the same process, the bytes of
+optimizer state, and the buffer's replacement rate. ``--json FILE`` also
+writes the figures. This is a benchmark, not a test: the README records its
+output beside the command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from cl_cm import SAM, AdamCG, AdamCM
+
+
+def resnet18_shapes(num_classes: int = 10) -> list[torch.Size]:
+    """Parameter shapes of torchvision's ResNet-18 (11.2M parameters for 10 classes)."""
+    import torchvision
+
+    return [p.shape for p in torchvision.models.resnet18(num_classes=num_classes).parameters()]
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors held in the optimizer's per-parameter state,
+    including tensors inside container objects (the authors' TensorList)."""
+    seen: set[int] = set()
+
+    def walk(obj, depth=0) -> int:
+        if isinstance(obj, torch.Tensor):
+            if obj.data_ptr() in seen:
+                return 0
+            seen.add(obj.data_ptr())
+            return obj.numel() * obj.element_size()
+        if depth > 3:
+            return 0
+        if isinstance(obj, dict):
+            total = sum(walk(v, depth + 1) for v in obj.values())
+            return total + (walk(vars(obj), depth + 1) if hasattr(obj, "__dict__") else 0)
+        if isinstance(obj, (list, tuple)):
+            return sum(walk(v, depth + 1) for v in obj)
+        return 0
+
+    return sum(walk(st) for st in opt.state.values())
+
+
+def candidates(buffer_size: int, device: str) -> dict[str, Callable]:
+    c = buffer_size
+    out = {
+        "Adam(foreach)": lambda ps: torch.optim.Adam(ps, foreach=True),
+        "Adam(fused)": lambda ps: torch.optim.Adam(ps, fused=True),
+        "Adam(for-loop)": lambda ps: torch.optim.Adam(ps, foreach=False),
+        f"AdamCM C={c} (default: fused)": lambda ps: AdamCM(ps, buffer_size=c),
+        f"AdamCM C={c} foreach": lambda ps: AdamCM(ps, buffer_size=c, foreach=True),
+        f"AdamCM C={c} for-loop": lambda ps: AdamCM(ps, buffer_size=c, foreach=False),
+        f"AdamCM C={c} bf16 buffer": lambda ps: AdamCM(ps, buffer_size=c, buffer_dtype=torch.bfloat16),
+        f"AdamCM C={c} second_moment=gradient": lambda ps: AdamCM(ps, buffer_size=c, second_moment="gradient"),
+        f"AdamCG C={c}": lambda ps: AdamCG(ps, buffer_size=c),
+    }
+    try:  # the authors' implementation, only if the user has installed it
+        from cmoptimizer.optim import Adam_CM  # type: ignore
+
+        out[f"authors' Adam_CM topC={c}"] = lambda ps: Adam_CM(ps, topC=c)
+    except ImportError:
+        pass
+    return out
+
+
+def bench(makers: dict[str, Callable], shapes, device: str, steps: int, warmup: int, seed: int) -> dict:
+    """Time every optimizer on the same gradients, one step each in turn, so
+    that slow drifts of the machine (turbo, other load) hit all of them alike."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    pool = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(3)]
+    runs = {}
+    for name, make in makers.items():
+        params = [torch.empty(s, device=device).normal_(0, 0.02).requires_grad_() for s in shapes]
+        runs[name] = (params, make(params), [])
+    for i in range(warmup + steps):
+        scale = float(torch.empty(()).uniform_(0.5, 1.5, generator=gen))
+        grads = [g * scale for g in pool[i % len(pool)]]
+        for params, opt, times in runs.values():
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            opt.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    results = {}
+    for name, (params, opt, times) in runs.items():
+        stats = opt.buffer_stats() if hasattr(opt, "buffer_stats") else {}
+        results[name] = {
+            "median_ms": 1e3 * statistics.median(times), "state_MB": state_bytes(opt) / 2**20,
+            "buffer_MB": (opt.buffer_nbytes() / 2**20) if hasattr(opt, "buffer_nbytes") else None,
+            "replacement_rate": stats.get("replacement_rate")}
+    return results
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per optimizer (default 30)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    ap.add_argument("--buffer-size", type=int, default=5, help="C for the buffered optimizers (default 5)")
+    ap.add_argument("--only", default=None, help="comma-separated substrings: run only matching optimizers")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    args = ap.parse_args(argv)
+
+    shapes = resnet18_shapes()
+    n = sum(s.numel() for s in shapes)
+    print(f"{n / 1e6:.2f}M parameters in {len(shapes)} tensors; device {args.device}; "
+          f"torch {torch.__version__}; {torch.get_num_threads()} CPU threads; {platform.processor() or platform.machine()}")
+    runs = candidates(args.buffer_size, args.device)
+    if args.only:
+        keep = [k.strip() for k in args.only.split(",")]
+        runs = {name: f for name, f in runs.items() if name.startswith("Adam(") or any(k in name for k in keep)}
+    results = bench(runs, shapes, args.device, args.steps, args.warmup, args.seed)
+    base_foreach = results["Adam(foreach)"]["median_ms"]
+    base_fused = results["Adam(fused)"]["median_ms"]
+    print(f"{'optimizer':40s} {'median ms':>10s} {'/Adam foreach':>14s} {'/Adam fused':>12s} "
+          f"{'state MB':>9s} {'buffer MB':>10s} {'replaced':>9s}")
+    for name, r in results.items():
+        r["vs_adam_foreach"] = r["median_ms"] / base_foreach
+        r["vs_adam_fused"] = r["median_ms"] / base_fused
+        buf = "" if r["buffer_MB"] is None else f"{r['buffer_MB']:.1f}"
+        rep = "" if r["replacement_rate"] is None else f"{r['replacement_rate']:.2f}"
+        print(f"{name:40s} {r['median_ms']:10.1f} {r['vs_adam_foreach']:14.2f} {r['vs_adam_fused']:12.2f} "
+              f"{r['state_MB']:9.1f} {buf:>10s} {rep:>9s}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "parameters": n, "torch": torch.__version__, "results": results}, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
