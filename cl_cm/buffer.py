@@ -28,7 +28,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -378,18 +378,37 @@ class CriticalBufferOptimizer(Optimizer):
                 st["priority"] = scaled
 
     @torch.no_grad()
-    def resize_buffer(self, size: int) -> None:
-        """Set every group's capacity to ``size``, keeping the ``size``
-        highest-priority entries; 0 turns the buffer off and frees its memory."""
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
-            raise ValueError(f"Invalid buffer_size: {size!r}. resize_buffer needs an int >= 0.")
-        for group in self.param_groups:
-            group["buffer_size"] = int(size)
-            self._fit_buffer(group, int(size), self._group_states(group))
+    def resize_buffer(self, size: int | Sequence[int]) -> None:
+        """Set the capacity to ``size`` (one int for every group, or one per
+        group), keeping the highest-priority entries; 0 turns the buffer off
+        and frees its memory."""
+        sizes = list(size) if isinstance(size, (list, tuple)) else [size] * len(self.param_groups)
+        if len(sizes) != len(self.param_groups):
+            raise ValueError(f"Invalid buffer_size: {size!r}. Give one int, or one per parameter group "
+                             f"({len(self.param_groups)}).")
+        for n in sizes:
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+                raise ValueError(f"Invalid buffer_size: {n!r}. resize_buffer needs an int >= 0.")
+        for group, n in zip(self.param_groups, sizes):
+            group["buffer_size"] = int(n)
+            self._fit_buffer(group, int(n), self._group_states(group))
 
     @torch.no_grad()
-    def buffer_stats(self) -> dict[str, float]:
+    def reset_moments(self) -> None:
+        """Zero Adam's moments (m, v) and step counts, keeping the buffer: a
+        fresh Adam start whose memory of critical entries survives."""
+        for group in self.param_groups:
+            for st in self._group_states(group):
+                st["exp_avg"].zero_()
+                st["exp_avg_sq"].zero_()
+                st["step"].zero_()
+
+    @torch.no_grad()
+    def buffer_stats(self, reset: bool = True) -> dict[str, float]:
         """Diagnostics of the buffers, summed or averaged over groups.
+
+        ``reset=False`` leaves the replacement counters running (for a peek that
+        must not disturb a metric's window).
 
         * ``size``, ``capacity``: stored entries and slots, summed over groups;
         * ``mean_priority``: mean priority of the stored entries (NaN if none);
@@ -431,7 +450,8 @@ class CriticalBufferOptimizer(Optimizer):
         m_norm = math.sqrt(float(sum(t.item() for t in momentum_sq))) if momentum_sq else 0.0
         b_norm = math.sqrt(float(sum(t.item() for t in mean_sq))) if mean_sq else 0.0
         full, replaced = self._counts["full"], self._counts["replaced"]
-        self._counts = {"full": 0, "replaced": 0}
+        if reset:
+            self._counts = {"full": 0, "replaced": 0}
         return {
             "size": size,
             "capacity": capacity,

@@ -183,7 +183,8 @@ class SAM(Optimizer):
                 self._second_step_from_scaler()
                 return None
             raise ValueError("SAM.step() needs a closure that zeroes the gradients, recomputes the loss "
-                             "and calls backward(); or call first_step() and second_step() yourself.")
+                             "and calls backward(); or call first_step() and second_step() yourself. "
+                             "Inside an Avalanche strategy, add strategies.SAMPlugin() to its plugins.")
         with torch.enable_grad():
             loss = closure()
         self.first_step(zero_grad=True)

@@ -385,3 +385,21 @@ def test_buffer_sum_stays_exact_over_many_replacements():
     for p in model.parameters():
         st = opt.state[p]
         torch.testing.assert_close(st["buffer_sum"], st["buffer"].sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_resize_buffer_per_group_and_reset_moments():
+    model = problem(torch.float32)
+    opt = AdamCM([dict(params=model[0].parameters()), dict(params=model[2].parameters(), buffer_size=3)],
+                 lr=1e-2)
+    run(model, opt, 6)
+    opt.resize_buffer([2, 1])
+    assert [g["buffer_size"] for g in opt.param_groups] == [2, 1]
+    assert opt.state[model[0].weight]["buffer"].shape[0] == 2
+    assert opt.state[model[2].weight]["buffer"].shape[0] == 1
+    with pytest.raises(ValueError, match="one per parameter group"):
+        opt.resize_buffer([1, 2, 3])
+    rows = opt.state[model[0].weight]["buffer"].clone()
+    opt.reset_moments()
+    st = opt.state[model[0].weight]
+    assert st["exp_avg"].abs().sum() == 0 and st["exp_avg_sq"].abs().sum() == 0 and st["step"] == 0
+    assert torch.equal(st["buffer"], rows), "reset_moments keeps the buffer"

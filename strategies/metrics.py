@@ -1,0 +1,77 @@
+"""Buffer statistics as Avalanche metrics, so they reach Avalanche's loggers."""
+from __future__ import annotations
+
+from avalanche.evaluation import PluginMetric
+from avalanche.evaluation.metric_results import MetricValue
+from avalanche.evaluation.metric_utils import get_metric_name
+
+from cl_cm.buffer import CriticalBufferOptimizer
+
+BUFFER_STAT_KEYS = ("size", "capacity", "mean_priority", "replacement_rate", "exploration",
+                    "cosine_similarity")
+EMIT_AT = ("iteration", "epoch", "experience")
+
+
+class BufferStatsMetric(PluginMetric):
+    """The optimizer's :meth:`~cl_cm.AdamCM.buffer_stats` as metric values.
+
+    One metric object reads ``buffer_stats()`` once per emission and reports
+    one value per key, named ``Buffer_<key>/train_phase/train_stream/ExpNNN``:
+
+    * ``size`` and ``capacity`` of the buffer;
+    * ``replacement_rate`` since the previous emission;
+    * ``exploration`` = ‖mean(B)‖ / ‖m‖;
+    * ``cosine_similarity``: mean pairwise cosine of the stored entries, the
+      paper's gradient-cancellation diagnostic (high for CM, low for CG);
+    * ``mean_priority``.
+
+    ``every`` is "iteration", "epoch" (default) or "experience". With an
+    optimizer without a buffer (plain Adam, SGD) it reports nothing, so one
+    evaluator serves every optimizer of a comparison. Text, interactive,
+    TensorBoard and W&B loggers show the values; Avalanche's CSVLogger writes
+    only its fixed accuracy and loss columns.
+    """
+
+    def __init__(self, every: str = "epoch", keys=BUFFER_STAT_KEYS) -> None:
+        super().__init__()
+        if every not in EMIT_AT:
+            raise ValueError(f"Unknown every={every!r}; use one of {EMIT_AT}.")
+        unknown = set(keys) - set(BUFFER_STAT_KEYS)
+        if unknown:
+            raise ValueError(f"Unknown buffer statistics {sorted(unknown)}; choose from {BUFFER_STAT_KEYS}.")
+        self.every = every
+        self.keys = tuple(keys)
+        self._last: dict[str, float] = {}
+
+    def reset(self) -> None:
+        self._last = {}
+
+    def result(self) -> dict[str, float]:
+        return dict(self._last)
+
+    def _emit(self, strategy):
+        opt = getattr(strategy.optimizer, "base_optimizer", strategy.optimizer)
+        if not isinstance(opt, CriticalBufferOptimizer):
+            return None
+        stats = opt.buffer_stats()
+        self._last = {k: float(stats[k]) for k in self.keys}
+        x = strategy.clock.train_iterations
+        return [MetricValue(self, get_metric_name(f"Buffer_{k}", strategy, add_experience=True, add_task=False),
+                            v, x) for k, v in self._last.items()]
+
+    def after_training_iteration(self, strategy):
+        return self._emit(strategy) if self.every == "iteration" else None
+
+    def after_training_epoch(self, strategy):
+        return self._emit(strategy) if self.every == "epoch" else None
+
+    def after_training_exp(self, strategy):
+        return self._emit(strategy) if self.every == "experience" else None
+
+    def __str__(self) -> str:
+        return "BufferStats"
+
+
+def buffer_metrics(every: str = "epoch", keys=BUFFER_STAT_KEYS) -> list[PluginMetric]:
+    """The buffer metrics, for ``EvaluationPlugin(*buffer_metrics(), ...)``."""
+    return [BufferStatsMetric(every=every, keys=keys)]
