@@ -330,6 +330,17 @@ class CriticalBufferOptimizer(Optimizer):
         raise NotImplementedError
 
     # --------------------------------------------------------- checkpointing
+    def __getstate__(self) -> dict:
+        # pickling (copy.deepcopy, Avalanche's checkpoints) keeps the counters;
+        # the scratch workspace is rebuilt
+        return {**super().__getstate__(), "skipped_steps": self.skipped_steps, "_counts": dict(self._counts)}
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("skipped_steps", 0)
+        state.setdefault("_counts", {"full": 0, "replaced": 0})
+        super().__setstate__(state)
+        self._workspace = _kernels.Workspace()
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict, buffers included.
 

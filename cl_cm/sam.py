@@ -97,6 +97,15 @@ class SAM(Optimizer):
         _check_rho(param_group["rho"])
         base.add_param_group(param_group)
 
+    def __getstate__(self) -> dict:
+        if self._backup is not None:
+            raise RuntimeError("SAM cannot be pickled between first_step() and second_step(): the "
+                               "parameters are perturbed. Call second_step() first.")
+        state = super().__getstate__()
+        state.pop("state")  # it is the base optimizer's, pickled with it
+        return {**state, "base_optimizer": self.base_optimizer, "skipped_steps": self.skipped_steps,
+                "_backup": None, "_first_finite": True}
+
     def state_dict(self) -> dict:
         if self._backup is not None:
             raise RuntimeError("SAM.state_dict() was called between first_step() and second_step(): "

@@ -247,6 +247,28 @@ def test_state_dict_resumes_bit_identically_and_loads_weights_only(name, tmp_pat
             assert_state_equal(buf.state[p], buf2.state[p2])
 
 
+def test_pickling_model_and_optimizer_together_continues_identically(name):
+    """copy.deepcopy and pickle (Avalanche's checkpoints) keep the whole state."""
+    import copy
+
+    model = make_model()
+    opt = OPTIMIZERS[name](model.parameters(), lr=1e-2)
+    train(model, opt, 6)
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert getattr(opt2, "skipped_steps") == 0
+    train(model, opt, 5, start=6)
+    train(model2, opt2, 5, start=6)
+    assert torch.equal(flat(model), flat(model2))
+    buf, buf2 = buffered(opt), buffered(opt2)
+    if buf is not None:
+        s1, s2 = buf.buffer_stats(), buf2.buffer_stats()
+        assert s1.keys() == s2.keys()
+        assert all(s1[k] == s2[k] or (math.isnan(s1[k]) and math.isnan(s2[k])) for k in s1)
+        if isinstance(opt2, SAM):
+            assert opt2.state is opt2.base_optimizer.state
+            assert opt2.param_groups is opt2.base_optimizer.param_groups
+
+
 def test_add_param_group_gets_its_own_buffers(name):
     model = make_model()
     opt = OPTIMIZERS[name](model[0].parameters())

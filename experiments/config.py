@@ -1,0 +1,261 @@
+"""Run configuration: every argument of ``cl-cm run``, its default and its
+documentation, in one dataclass. Flags, config files and sweeps all go
+through it.
+
+Protocol settings (experiences, epochs, batch size, data subset, model) left
+at None take the value of the chosen preset from
+``experiments/protocols/<benchmark>.toml``; optimizer and strategy settings
+left at None take the defaults of :func:`strategies.make_optimizer` and
+:func:`strategies.make_strategy`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from strategies import BOUNDARIES, KAPPA_SCHEDULES, OPTIMIZERS, STRATEGIES, optimizer_options
+
+BENCHMARKS = ("permuted_mnist", "split_cifar10", "split_cifar100")
+PROTOCOL_DIR = Path(__file__).parent / "protocols"
+BUFFERED_OPTIMIZERS = ("adam_cm", "adam_cg", "adam_cm_sam")
+
+
+def _f(default, help: str, group: str, choices=None):
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
+
+
+@dataclass
+class RunConfig:
+    # ---- what to run
+    benchmark: str = _f("permuted_mnist", "continual-learning benchmark", "run", BENCHMARKS)
+    strategy: str = _f("naive", "Avalanche strategy", "run", tuple(STRATEGIES))
+    optimizer: str = _f("adam", "optimizer", "run", tuple(OPTIMIZERS))
+    preset: str = _f("cpu", "protocol preset: smoke (CI, seconds), cpu (minutes on 2 cores), paper "
+                     "(the full protocol, for a GPU); see experiments/protocols/", "run")
+    seed: int = _f(0, "seed of everything random: initialisation, permutations, data order", "run")
+    # ---- buffer annealing (optimizers with a buffer: adam_cm, adam_cg, adam_cm_sam)
+    boundary: str = _f("keep", "buffer policy at experience boundaries", "buffer", BOUNDARIES)
+    factor: float | None = _f(None, "factor of the decay and shrink policies, in (0, 1]", "buffer")
+    min_size: int = _f(0, "smallest capacity the shrink policy leaves", "buffer")
+    kappa_schedule: str = _f("constant", "kappa within each experience", "buffer", KAPPA_SCHEDULES)
+    kappa_start: float | None = _f(None, "kappa at the start of each experience (default: --kappa)", "buffer")
+    kappa_end: float | None = _f(None, "kappa at the end of each experience (linear, cosine)", "buffer")
+    reset_moments: bool = _f(False, "zero Adam's m and v at each boundary, keeping the buffer", "buffer")
+    # ---- protocol (default: the preset's value)
+    n_experiences: int | None = _f(None, "number of experiences", "protocol")
+    epochs: int | None = _f(None, "training epochs per experience", "protocol")
+    batch_size: int | None = _f(None, "training mini-batch size", "protocol")
+    train_per_class: int | None = _f(None, "training samples per class used (0: all)", "protocol")
+    test_per_class: int | None = _f(None, "test samples per class used (0: all)", "protocol")
+    model: str | None = _f(None, "mlp, slim_resnet18 or mt_slim_resnet18", "protocol")
+    width: int | None = _f(None, "hidden units (mlp) or base channels nf (resnets)", "protocol")
+    augment: bool | None = _f(None, "random crop and flip on CIFAR training images", "protocol")
+    # ---- optimizer (default: strategies.make_optimizer's)
+    lr: float | None = _f(None, "learning rate (sgd 0.01, Adam family 1e-3)", "optimizer")
+    weight_decay: float | None = _f(None, "decoupled weight decay (0)", "optimizer")
+    momentum: float | None = _f(None, "SGD momentum (0)", "optimizer")
+    buffer_size: int | None = _f(None, "C, critical momenta kept (5)", "optimizer")
+    decay: float | None = _f(None, "lambda, priority decay per step (0.7)", "optimizer")
+    kappa: float | None = _f(None, "kappa, weight of mean(B) (1.0)", "optimizer")
+    second_moment: str | None = _f(None, "aggregated (paper) or gradient", "optimizer")
+    rho: float | None = _f(None, "SAM radius (0.05)", "optimizer")
+    adaptive: bool | None = _f(None, "adaptive SAM (False)", "optimizer")
+    # ---- strategy (default: strategies.make_strategy's)
+    ewc_lambda: float | None = _f(None, "EWC penalty weight (1.0)", "strategy")
+    si_lambda: float | None = _f(None, "SI penalty weight (1.0)", "strategy")
+    lwf_alpha: float | None = _f(None, "LwF distillation weight (1.0)", "strategy")
+    lwf_temperature: float | None = _f(None, "LwF temperature (2.0)", "strategy")
+    mem_size: int | None = _f(None, "Replay memory size (200)", "strategy")
+    patterns_per_exp: int | None = _f(None, "GEM/A-GEM patterns stored per experience (64)", "strategy")
+    sample_size: int | None = _f(None, "A-GEM reference sample size (64)", "strategy")
+    memory_strength: float | None = _f(None, "GEM margin (0.5)", "strategy")
+    reset_optimizer_state: bool = _f(False, "Avalanche's train(exp, reset_optimizer_state=True) at every "
+                                     "experience: a fresh optimizer state, buffer included", "strategy")
+    # ---- measurements and runtime
+    sharpness: bool = _f(False, "record the top Hessian eigenvalue on every seen experience after each one", "run")
+    sharpness_samples: int = _f(128, "samples per experience for --sharpness", "run")
+    data_root: str = _f("data", "folder holding (or receiving) the data sets", "runtime")
+    download: bool = _f(True, "let torchvision download missing data (--no-download: fail at once)", "runtime")
+    out: str = _f("runs/run", "folder of this run's results", "runtime")
+    device: str | None = _f(None, "cpu, cuda, cuda:1, ... (default: cuda if available)", "runtime")
+    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", "runtime")
+    eval_batch_size: int = _f(512, "evaluation mini-batch size", "runtime")
+    progress: bool = _f(True, "progress bars", "runtime")
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+#: config fields that do not change results (they may differ between a run and its resumption)
+RUNTIME_FIELDS = ("data_root", "download", "out", "device", "threads", "progress", "eval_batch_size")
+PROTOCOL_FIELDS = ("n_experiences", "epochs", "batch_size", "train_per_class", "test_per_class", "model",
+                   "width", "augment")
+OPTIMIZER_FIELDS = ("lr", "weight_decay", "momentum", "buffer_size", "decay", "kappa", "second_moment",
+                    "rho", "adaptive")
+#: config name -> make_strategy argument
+STRATEGY_FIELDS = {"ewc_lambda": "ewc_lambda", "si_lambda": "si_lambda", "lwf_alpha": "alpha",
+                   "lwf_temperature": "temperature", "mem_size": "mem_size",
+                   "patterns_per_exp": "patterns_per_exp", "sample_size": "sample_size",
+                   "memory_strength": "memory_strength"}
+BUFFER_FIELDS = ("boundary", "factor", "min_size", "kappa_schedule", "kappa_start", "kappa_end", "reset_moments")
+FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, with what to change."""
+
+
+def check_keys(keys, where: str, allowed=FIELD_NAMES) -> None:
+    """Raise :class:`ConfigError` for an unknown key, suggesting the closest."""
+    for key in keys:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(allowed)}"
+            raise ConfigError(f"unknown key {key!r} in {where}{hint}")
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON file into a dict."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_bytes()
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return tomllib.loads(text.decode())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot parse {path}: {e}") from None
+
+
+def from_mapping(values: dict[str, Any], where: str, base: RunConfig | None = None) -> RunConfig:
+    """A RunConfig from a flat mapping of field names (a config file)."""
+    check_keys(values, where)
+    return dataclasses.replace(base or RunConfig(), **values)
+
+
+def protocol(benchmark: str, preset: str) -> dict[str, Any]:
+    """The protocol table ``[preset]`` of ``protocols/<benchmark>.toml``."""
+    if benchmark not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+    table = load_file(PROTOCOL_DIR / f"{benchmark}.toml")
+    presets = [k for k, v in table.items() if isinstance(v, dict)]
+    if preset not in presets:
+        raise ConfigError(f"unknown preset {preset!r} for {benchmark}; choose one of {', '.join(presets)}")
+    values = dict(table[preset])
+    meta = {k: values.pop(k) for k in ("description", "anchor") if k in values}
+    check_keys(values, f"{PROTOCOL_DIR / benchmark}.toml [{preset}]", allowed=PROTOCOL_FIELDS)
+    return {**values, "_scenario": table.get("scenario", ""), "_description": meta.get("description", "")}
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Fill protocol fields from the preset and check every setting."""
+    for name, allowed in (("benchmark", BENCHMARKS), ("strategy", tuple(STRATEGIES)),
+                          ("optimizer", tuple(OPTIMIZERS)), ("boundary", BOUNDARIES),
+                          ("kappa_schedule", KAPPA_SCHEDULES)):
+        value = getattr(cfg, name)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown {name} {value!r}{hint}; choose one of {', '.join(allowed)}")
+    preset = protocol(cfg.benchmark, cfg.preset)
+    filled = {k: preset[k] for k in PROTOCOL_FIELDS if getattr(cfg, k) is None and k in preset}
+    missing = [k for k in PROTOCOL_FIELDS if getattr(cfg, k) is None and k not in preset]
+    if missing:
+        raise ConfigError(f"preset {cfg.preset!r} of {cfg.benchmark} does not set {missing}; pass them as flags")
+    cfg = dataclasses.replace(cfg, **filled)
+    accepted = optimizer_options(cfg.optimizer)
+    wrong = [k for k in OPTIMIZER_FIELDS if getattr(cfg, k) is not None and k not in accepted]
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} does not apply to optimizer {cfg.optimizer!r}; it takes "
+                          f"{', '.join(accepted)}")
+    if cfg.optimizer not in BUFFERED_OPTIMIZERS:
+        changed = [k for k in BUFFER_FIELDS if getattr(cfg, k) != getattr(RunConfig, k)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} only apply to optimizers with a buffer "
+                              f"({', '.join(BUFFERED_OPTIMIZERS)}), not {cfg.optimizer!r}")
+    from strategies import strategy_options
+    takes = strategy_options(cfg.strategy)
+    wrong = [k for k, arg in STRATEGY_FIELDS.items() if getattr(cfg, k) is not None and arg not in takes]
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} does not apply to strategy {cfg.strategy!r}")
+    for name in ("n_experiences", "epochs", "batch_size", "width"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    return cfg
+
+
+def optimizer_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in OPTIMIZER_FIELDS if getattr(cfg, k) is not None}
+
+
+def strategy_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    return {arg: getattr(cfg, k) for k, arg in STRATEGY_FIELDS.items() if getattr(cfg, k) is not None}
+
+
+def policy_label(cfg: RunConfig) -> str:
+    """``adam``, ``adam_cm/keep``, ``adam_cm/decay0.5``, ``adam_cm/shrink0.5min1``..."""
+    if cfg.optimizer not in BUFFERED_OPTIMIZERS:
+        return cfg.optimizer
+    label = cfg.boundary + (f"{cfg.factor:g}" if cfg.factor is not None else "")
+    if cfg.min_size:
+        label += f"min{cfg.min_size}"
+    if cfg.kappa_schedule != "constant":
+        label += f"+{cfg.kappa_schedule}"
+    if cfg.reset_moments:
+        label += "+resetm"
+    return f"{cfg.optimizer}/{label}"
+
+
+def run_label(cfg: RunConfig) -> str:
+    """The policy label plus every optimizer or strategy setting given
+    explicitly: what tells the rows of a report apart."""
+    extra = {**optimizer_kwargs(cfg), **strategy_kwargs(cfg)}
+    if cfg.reset_optimizer_state:
+        extra["reset_optimizer_state"] = True
+    return " ".join([policy_label(cfg)] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in sorted(extra.items())])
+
+
+# ------------------------------------------------------------------- argparse
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field, grouped as in the dataclass, defaults shown."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(RunConfig):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(f"{meta['group']} settings"))
+        flag = "--" + f.name.replace("_", "-")
+        kind = _kind(f)
+        help_text = f"{meta['help']} (default: {f.default})"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
+        else:
+            group.add_argument(flag, type=kind, choices=meta["choices"], default=argparse.SUPPRESS,
+                               help=help_text, metavar=f.name.upper() if not meta["choices"] else None)
+
+
+def _kind(f: dataclasses.Field):
+    text = str(f.type)
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if text.startswith(name):
+            return kind
+    return str
+
+
+def from_args(args: argparse.Namespace) -> RunConfig:
+    """Config file first (``--config``), then the flags given on the command line."""
+    values = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
+    base = RunConfig()
+    if getattr(args, "config", None):
+        base = from_mapping(load_file(args.config), str(args.config))
+    return dataclasses.replace(base, **values)

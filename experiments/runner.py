@@ -1,0 +1,335 @@
+"""One continual-learning run: Avalanche's training loop, with the accuracy
+matrix, timings and buffer statistics written to a results folder, and a
+checkpoint after every experience so that a killed run resumes where it
+stopped.
+
+A run folder holds:
+
+* ``config.json``: every argument (protocol filled in from the preset), the
+  seed, package versions and the git commit;
+* ``metrics.json``: the accuracy matrix and the metrics of
+  :mod:`experiments.metrics`, timings, buffer statistics (written last, atomically:
+  its presence means the run is complete);
+* ``checkpoint.pkl`` while the run is unfinished (Avalanche's checkpoint of
+  the whole strategy, RNG states included).
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.optim
+from avalanche.core import SupervisedPlugin
+from avalanche.evaluation import PluginMetric
+from avalanche.evaluation.metric_results import MetricValue
+from tqdm.auto import tqdm
+
+from . import config as C
+from . import metrics as M
+from .io import read_json, run_lock, write_json
+
+# Avalanche's checkpoints pickle the strategy with dill, which finds a class
+# through its module's attribute on the parent package. torch.optim deletes
+# those attributes (torch.optim.sgd, ...), so dill would copy torch's optimizer
+# classes by value and fail; putting the loaded modules back lets it pickle
+# them by reference, as plain pickle does.
+for _name, _module in list(sys.modules.items()):
+    if _name.startswith("torch.optim.") and _name.count(".") == 2 and _module is not None:
+        setattr(torch.optim, _name.rsplit(".", 1)[1], _module)
+
+ACC_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
+TASK_IL_KEY = re.compile(r"^Top1_TaskIL_Acc_Exp/eval_phase/test_stream/Exp(\d+)$")
+BUFFER_KEY = re.compile(r"^Buffer_(\w+)/train_phase/train_stream/Exp(\d+)$")
+
+
+class TaskILAccuracy(PluginMetric):
+    """Accuracy with the logits masked to the classes of the evaluated
+    experience: the task-incremental accuracy of a single-head model."""
+
+    def __init__(self):
+        super().__init__()
+        self.correct = self.total = 0
+
+    def reset(self):
+        self.correct = self.total = 0
+
+    def result(self):
+        return self.correct / self.total if self.total else math.nan
+
+    def before_eval_exp(self, strategy):
+        self.reset()
+
+    def after_eval_iteration(self, strategy):
+        classes = torch.tensor(sorted(strategy.experience.classes_in_this_experience),
+                               device=strategy.mb_output.device)
+        pred = classes[strategy.mb_output[:, classes].argmax(dim=1)]
+        self.correct += int((pred == strategy.mb_y).sum())
+        self.total += len(strategy.mb_y)
+
+    def after_eval_exp(self, strategy):
+        name = f"Top1_TaskIL_Acc_Exp/eval_phase/test_stream/Exp{strategy.experience.current_experience:03d}"
+        return [MetricValue(self, name, self.result(), strategy.clock.train_iterations)]
+
+    def __str__(self):
+        return "Top1_TaskIL_Acc_Exp"
+
+
+class ProgressBars(SupervisedPlugin):
+    """A tqdm bar per experience, over its training iterations (off when not
+    on a terminal)."""
+
+    def __init__(self, enabled: bool, n_experiences: int):
+        super().__init__()
+        self.enabled, self.n_experiences, self.bar = enabled, n_experiences, None
+
+    def before_training_exp(self, strategy, **kw):
+        total = len(strategy.dataloader) * strategy.train_epochs
+        k = strategy.experience.current_experience
+        self.bar = tqdm(total=total, desc=f"experience {k + 1}/{self.n_experiences}", unit="it", leave=False,
+                        disable=None if self.enabled else True, dynamic_ncols=True)
+
+    def after_training_iteration(self, strategy, **kw):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def after_training_exp(self, strategy, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __getstate__(self):  # a checkpoint never holds a live bar
+        return {**self.__dict__, "bar": None}
+
+
+def environment() -> dict[str, Any]:
+    """Versions and commit, recorded with every run."""
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "torchvision", "avalanche-lib", "numpy", "seaborn", "cl-cm"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=Path(__file__).parent,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
+            "git_commit": commit, "git_dirty": dirty, "command": sys.argv}
+
+
+def _device(cfg: C.RunConfig) -> torch.device:
+    if cfg.device:
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _settings(cfg_dict: dict) -> dict:
+    return {k: v for k, v in cfg_dict.items() if k not in C.RUNTIME_FIELDS}
+
+
+class ConfigMismatch(C.ConfigError):
+    """The results folder holds a run with other settings."""
+
+
+def run(cfg: C.RunConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Run (or resume, or just report) the run described by ``cfg`` in
+    ``cfg.out``; return its metrics. Safe to call again after a crash."""
+    cfg = C.resolve(cfg)
+    out = Path(cfg.out)
+    with run_lock(out):
+        saved = out / "config.json"
+        if saved.exists():
+            previous = read_json(saved)["config"]
+            if _settings(previous) != _settings(cfg.to_dict()):
+                diff = sorted(k for k in _settings(cfg.to_dict()) if previous.get(k) != getattr(cfg, k))
+                raise ConfigMismatch(f"{out} holds a run with other settings ({', '.join(diff)} differ); "
+                                     "choose another --out or delete that folder")
+        if (out / "metrics.json").exists():
+            metrics = read_json(out / "metrics.json")
+            if not quiet:
+                print(render_summary(metrics, cfg))
+            return metrics
+        if not saved.exists():
+            write_json(saved, {"config": cfg.to_dict(), "environment": environment(),
+                               "protocol": C.protocol(cfg.benchmark, cfg.preset)["_description"]})
+        metrics = _train(cfg, out, quiet)
+        write_json(out / "metrics.json", metrics)
+        (out / "checkpoint.pkl").unlink(missing_ok=True)
+    if not quiet:
+        print(render_summary(metrics, cfg))
+    return metrics
+
+
+def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
+    from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.determinism.rng_manager import RNGManager
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from strategies import BufferStatsMetric, CriticalMomentaPlugin, make_optimizer, make_strategy
+
+    from .data import build_benchmark, build_model
+    from .io import atomic_write
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _device(cfg)
+    RNGManager.set_random_seeds(cfg.seed)
+    bench = build_benchmark(cfg)
+    model = build_model(cfg, bench)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), **C.optimizer_kwargs(cfg))
+    plugins = [ProgressBars(cfg.progress and not quiet, cfg.n_experiences)]
+    if cfg.optimizer in C.BUFFERED_OPTIMIZERS:
+        plugins.insert(0, CriticalMomentaPlugin(cfg.boundary, cfg.factor, cfg.min_size, cfg.kappa_schedule,
+                                                cfg.kappa_start, cfg.kappa_end, cfg.reset_moments))
+    metrics = [accuracy_metrics(experience=True), BufferStatsMetric(every="epoch")]
+    if bench.task_il_by_masking:
+        metrics.append(TaskILAccuracy())
+    with warnings.catch_warnings():  # "No loggers specified": the runner reads the metrics itself
+        warnings.simplefilter("ignore", UserWarning)
+        evaluator = EvaluationPlugin(*metrics, loggers=[])
+    strategy = make_strategy(cfg.strategy, model, optimizer, train_mb_size=cfg.batch_size,
+                             train_epochs=cfg.epochs, eval_mb_size=cfg.eval_batch_size, device=device,
+                             plugins=plugins, evaluator=evaluator, **C.strategy_kwargs(cfg))
+    checkpoint = out / "checkpoint.pkl"
+    strategy, start = maybe_load_checkpoint(strategy, checkpoint, map_location=device)
+    progress = getattr(strategy, "cl_cm_progress", None) or {"accuracy": [], "accuracy_task_il": [],
+                                                               "train_seconds": [], "sharpness": []}
+    scenario = bench.scenario
+    for k in range(start, cfg.n_experiences):
+        t0 = time.perf_counter()
+        strategy.train(scenario.train_stream[k], eval_streams=[],
+                       reset_optimizer_state=cfg.reset_optimizer_state)
+        progress["train_seconds"].append(time.perf_counter() - t0)
+        results = strategy.eval(scenario.test_stream)
+        progress["accuracy"].append(_row(results, ACC_KEY, cfg.n_experiences))
+        if bench.task_il_by_masking:
+            progress["accuracy_task_il"].append(_row(results, TASK_IL_KEY, cfg.n_experiences))
+        if cfg.sharpness:
+            progress["sharpness"].append(_sharpness_row(cfg, strategy, scenario, k))
+        strategy.cl_cm_progress = progress
+        atomic_write(checkpoint, lambda f: save_checkpoint(strategy, f), mode="wb")
+    return _collect(cfg, bench, progress, strategy.evaluator)  # the evaluator of a resumed run is the loaded one
+
+
+def _row(results: dict, pattern: re.Pattern, n: int) -> list[float]:
+    row = [math.nan] * n
+    for key, value in results.items():
+        match = pattern.match(key)
+        if match:
+            row[int(match.group(1))] = float(value)
+    if any(math.isnan(v) for v in row):
+        raise RuntimeError(f"evaluation did not report every experience: {row}")
+    return row
+
+
+def _sharpness_row(cfg, strategy, scenario, k: int) -> list[float | None]:
+    """λ_max of the loss on a fixed sample of each experience seen so far
+    (None for the ones not seen yet)."""
+    return [_experience_sharpness(cfg, strategy, scenario.train_stream[i]) if i <= k else None
+            for i in range(cfg.n_experiences)]
+
+
+def _experience_sharpness(cfg, strategy, experience) -> float:
+    """Top Hessian eigenvalue (:func:`cl_cm.sharpness.top_hessian_eigenvalue`)
+    of the training loss on the first ``sharpness_samples`` samples of the
+    experience (a fixed sample: the data order of the scenario), with the
+    model in eval mode (BatchNorm running statistics, no dropout)."""
+    from avalanche.models import avalanche_forward
+
+    from cl_cm.sharpness import top_hessian_eigenvalue
+
+    model = strategy.model
+    task = experience.task_label if hasattr(experience, "task_label") else 0
+
+    class OnTask(torch.nn.Module):  # the multi-head forward of the experience's task
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return avalanche_forward(self.inner, x, torch.full((len(x),), task, device=x.device))
+
+    dataset = experience.dataset.eval()
+    n = min(cfg.sharpness_samples, len(dataset))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=64)
+    was_training = model.training
+    model.eval()
+    try:
+        return top_hessian_eigenvalue(OnTask(), strategy._criterion, list(loader), iters=100, tol=1e-3,
+                                      seed=cfg.seed)
+    finally:
+        model.train(was_training)
+
+
+def _collect(cfg: C.RunConfig, bench, progress: dict, evaluator) -> dict[str, Any]:
+    r = progress["accuracy"]
+    out: dict[str, Any] = {"benchmark": cfg.benchmark, "scenario": bench.scenario_kind, "preset": cfg.preset,
+                           "strategy": cfg.strategy, "optimizer": cfg.optimizer, "policy": C.policy_label(cfg),
+                           "seed": cfg.seed, "n_experiences": cfg.n_experiences,
+                           "accuracy_matrix": r, **M.summary(r),
+                           "train_seconds_per_experience": progress["train_seconds"],
+                           "train_seconds": sum(progress["train_seconds"])}
+    if progress["accuracy_task_il"]:
+        out["task_il"] = {"accuracy_matrix": progress["accuracy_task_il"], **M.summary(progress["accuracy_task_il"])}
+    if progress["sharpness"]:
+        out["sharpness_matrix"] = progress["sharpness"]
+    series: dict[str, list] = {}
+    per_exp: dict[str, list] = {}
+    for name, (xs, values) in sorted(evaluator.get_all_metrics().items()):
+        match = BUFFER_KEY.match(name)
+        if match:
+            key, exp = match.group(1), int(match.group(2))
+            series.setdefault(key, []).extend([[x, exp, v] for x, v in zip(xs, values)])
+            per_exp.setdefault(key, [None] * cfg.n_experiences)[exp] = values[-1]
+    if series:
+        out["buffer_stats"] = {"per_experience": per_exp, "series": series,
+                               "series_columns": ["iteration", "experience", "value"]}
+    return out
+
+
+def _pct(x) -> str:
+    return "   -" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:4.0f}"
+
+
+def render_summary(m: dict, cfg: C.RunConfig | None = None) -> str:
+    """A one-screen summary of a finished run."""
+    lines = [f"== {m['benchmark']} ({m['preset']}), {m['scenario']} | {m['strategy']} | {m['policy']} | "
+             f"seed {m['seed']}"]
+    t = len(m["accuracy_matrix"])
+    lines.append("accuracy (%) on experience j (columns) after training experience i (rows):")
+    lines.append("      " + "".join(f"{j:>5d}" for j in range(t)))
+    for i, row in enumerate(m["accuracy_matrix"]):
+        lines.append(f"{i:>5d} " + "".join(f"{_pct(v):>5s}" for v in row))
+
+    def fmt(x, scale=100):
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{scale * x:.2f}"
+    lines.append(f"ACC {fmt(m['acc'])}%  BWT {fmt(m['bwt'])}  forgetting {fmt(m['forgetting'])}  "
+                 f"learning accuracy {fmt(m['learning_accuracy'])}%  (percentage points)")
+    if "task_il" in m:
+        ti = m["task_il"]
+        lines.append(f"task-IL (masked logits): ACC {fmt(ti['acc'])}%  BWT {fmt(ti['bwt'])}  "
+                     f"forgetting {fmt(ti['forgetting'])}")
+    lines.append(f"training time {m['train_seconds']:.1f} s "
+                 f"({', '.join(f'{s:.1f}' for s in m['train_seconds_per_experience'])} per experience)")
+    if "buffer_stats" in m:
+        last = {k: v[-1] for k, v in m["buffer_stats"]["per_experience"].items()}
+        lines.append("buffer at the end: " + ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, (int, float)) else f"{k} n/a" for k, v in last.items()))
+    if cfg is not None:
+        lines.append(f"results in {cfg.out}")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""A grid of runs from one config file, resumable.
+
+The file (TOML or JSON) has up to three tables::
+
+    [sweep]                 # optional: defaults for the command line
+    out = "runs/readme"     # results folder of the sweep
+    jobs = 1                # parallel processes
+
+    [base]                  # RunConfig fields shared by every cell
+    benchmark = "permuted_mnist"
+    preset = "cpu"
+
+    [grid]                  # RunConfig fields, each a list; the sweep is their product
+    optimizer = ["adam", "adam_cm"]
+    strategy = ["naive"]
+    boundary = ["keep", "decay:0.5"]   # policy[:factor[:min_size]]
+    seed = [0, 1, 2]
+
+``[[grid]]`` (an array of tables) gives several grids whose cells are
+pooled. Boundary policies only multiply optimizers that have a buffer;
+duplicate cells are dropped. Every cell runs in ``<out>/<benchmark>-<preset>/<strategy>/<policy>/seed<S>``;
+finished cells are skipped and unfinished ones resume from their last
+completed experience, so a killed sweep is finished by running it again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import multiprocessing
+import os
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from . import config as C
+from .io import RunLocked
+
+
+def parse_policy(text: str) -> dict[str, Any]:
+    """``"decay:0.5"`` -> boundary decay with factor 0.5; ``"shrink:0.5:1"`` adds min_size 1."""
+    parts = str(text).split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise C.ConfigError(f"cannot read boundary policy {text!r}; write policy[:factor[:min_size]], e.g. decay:0.5")
+    try:
+        out: dict[str, Any] = {"boundary": parts[0]}
+        if len(parts) > 1:
+            out["factor"] = float(parts[1])
+        if len(parts) > 2:
+            out["min_size"] = int(parts[2])
+    except ValueError:
+        raise C.ConfigError(f"cannot read boundary policy {text!r}; write policy[:factor[:min_size]]") from None
+    return out
+
+
+def cell_folder(out: str | Path, cfg: C.RunConfig, varied: list[str]) -> Path:
+    """Folder of one cell; grid keys other than the usual ones are named in it."""
+    usual = {"optimizer", "strategy", "boundary", "seed", "benchmark", "preset", "factor", "min_size"}
+    extra = "".join(f"-{k}{getattr(cfg, k)}" for k in varied if k not in usual)
+    return (Path(out) / f"{cfg.benchmark}-{cfg.preset}" / cfg.strategy /
+            (C.policy_label(cfg).replace("/", "-") + extra) / f"seed{cfg.seed}")
+
+
+def expand(spec: dict[str, Any], out: str | Path, overrides: dict[str, Any] | None = None) -> list[C.RunConfig]:
+    """The resolved RunConfigs of a sweep spec, without duplicates."""
+    C.check_keys(spec, "the sweep file", allowed=("sweep", "base", "grid"))
+    C.check_keys(spec.get("sweep", {}), "[sweep]", allowed=("out", "jobs"))
+    base = C.from_mapping({**spec.get("base", {}), **(overrides or {})}, "[base]")
+    grids = spec.get("grid", {})
+    cells, seen = [], set()
+    for grid in (grids if isinstance(grids, list) else [grids]):
+        for cell in _expand_grid(base, dict(grid), out):
+            if cell.out not in seen:
+                seen.add(cell.out)
+                cells.append(cell)
+    return cells
+
+
+def _expand_grid(base: C.RunConfig, grid: dict[str, Any], out) -> list[C.RunConfig]:
+    C.check_keys(grid, "[grid]")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise C.ConfigError(f"[grid] {key} must be a non-empty list, got {values!r}")
+    policies = [parse_policy(p) for p in grid.pop("boundary", [base.boundary])]
+    keys = list(grid)
+    cells = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        cfg = dataclasses.replace(base, **dict(zip(keys, combo)))
+        for policy in (policies if cfg.optimizer in C.BUFFERED_OPTIMIZERS else [{}]):
+            cell = C.resolve(dataclasses.replace(cfg, **policy))
+            cells.append(dataclasses.replace(cell, out=str(cell_folder(out, cell, keys))))
+    return cells
+
+
+def _run_cell(cfg_dict: dict[str, Any], threads: int | None) -> tuple[str, str]:
+    """Run one cell (in this process or a worker); returns (folder, status)."""
+    from .runner import run
+
+    cfg = C.RunConfig(**cfg_dict)
+    if threads:
+        cfg = dataclasses.replace(cfg, threads=cfg.threads or threads)
+    already = (Path(cfg.out) / "metrics.json").exists()
+    try:
+        run(dataclasses.replace(cfg, progress=False), quiet=True)
+    except RunLocked:
+        return cfg.out, "running elsewhere"
+    except Exception:  # noqa: BLE001 - one broken cell must not stop the sweep
+        (Path(cfg.out) / "error.txt").write_text(traceback.format_exc())
+        return cfg.out, "failed (see error.txt)"
+    return cfg.out, "done before" if already else "done"
+
+
+def run_sweep(spec: dict[str, Any], out: str | Path, jobs: int = 1, overrides: dict[str, Any] | None = None,
+              progress: bool = True) -> dict[str, str]:
+    """Run every cell; returns {folder: status}."""
+    from tqdm.auto import tqdm
+
+    cells = expand(spec, out, overrides)
+    statuses: dict[str, str] = {}
+    bar = tqdm(total=len(cells), desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
+    if jobs <= 1:
+        for cell in cells:
+            bar.set_postfix_str(str(Path(cell.out).relative_to(out)))
+            folder, status = _run_cell(cell.to_dict(), None)
+            statuses[folder] = status
+            bar.update(1)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(_run_cell, cell.to_dict(), threads) for cell in cells]
+            for fut in as_completed(futures):
+                folder, status = fut.result()
+                statuses[folder] = status
+                bar.update(1)
+    bar.close()
+    return statuses
