@@ -70,17 +70,41 @@ class Workspace:
         self._flat.clear()
 
 
-def global_norm(tensors: Sequence[Tensor], reference_compat: bool = False) -> Tensor:
-    """‖concat(tensors)‖₂ as a 0-d tensor on the tensors' device, accumulated
-    in float32 at least (float64 for float64 input).
-
-    With ``reference_compat`` it returns the sum of the per-tensor norms, the
-    priority that the authors' implementation uses.
-    """
+def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """‖t‖² of every tensor, as one 1-D tensor on their device, accumulated in
+    float32 at least (float64 for float64 input)."""
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    norms = torch._foreach_norm(list(tensors), 2, dtype=dtype)
-    stacked = torch.stack(list(norms))
-    return stacked.sum() if reference_compat else torch.linalg.vector_norm(stacked)
+    return torch.stack(list(torch._foreach_norm(list(tensors), 2, dtype=dtype))).square()
+
+
+def all_reduce_sum(values: Tensor, group) -> Tensor:
+    """Sum ``values`` over the ranks of ``group`` (one collective)."""
+    import torch.distributed as dist
+
+    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    return values
+
+
+def local_view(t: Tensor) -> tuple[Tensor, object | None]:
+    """(the tensor this rank holds, the process group it is sharded over).
+
+    A plain tensor (single process, or DDP, where gradients arrive already
+    averaged) is its own view with no group. A DTensor from FSDP2's
+    ``fully_shard`` on a 1-D mesh gives its local shard and the mesh's group,
+    over which its squared norm must be summed."""
+    try:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:  # torch built without distributed
+        return t, None
+    if not isinstance(t, DTensor):
+        return t, None
+    placements = t.placements
+    if all(isinstance(pl, Replicate) for pl in placements):
+        return t.to_local(), None
+    if len(placements) != 1 or not isinstance(placements[0], Shard):
+        raise NotImplementedError(f"cl_cm optimizers support DTensor parameters sharded on a 1-D mesh "
+                                  f"(FSDP2's fully_shard), not placements {placements}")
+    return t.to_local(), t.device_mesh.get_group()
 
 
 def group_by_step(steps: list[Tensor]) -> dict[float, list[int]]:

@@ -43,8 +43,9 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class GroupTensors:
     """The tensors of one parameter group for one step."""
 
-    params: list[Tensor] = field(default_factory=list)   # parameters with a gradient
+    params: list[Tensor] = field(default_factory=list)   # parameters with a gradient (this rank's shard)
     grads: list[Tensor] = field(default_factory=list)
+    shard_groups: list = field(default_factory=list)     # per param: process group it is sharded over, or None
     states: list[dict] = field(default_factory=list)     # their states
     members: list[dict] = field(default_factory=list)    # every state holding buffer rows
     member_grads: list[Tensor | None] = field(default_factory=list)
@@ -202,18 +203,20 @@ class CriticalBufferOptimizer(Optimizer):
         for p in group["params"]:
             grad = p.grad
             if grad is not None:
-                if grad.is_sparse:
+                if grad.layout != torch.strided:
                     raise RuntimeError(
                         f"{type(self).__name__} does not support sparse gradients: use dense "
-                        "gradients (e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam."
-                    )
+                        "gradients (e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam.")
                 if torch.is_complex(p):
                     raise RuntimeError(f"{type(self).__name__} does not support complex parameters.")
                 state = self.state[p]
+                local, shard_group = _kernels.local_view(p)
                 if "step" not in state:
-                    self._init_state(p, state, group, out.priority)
-                out.params.append(p)
+                    self._init_state(local, state, group, out.priority)
+                grad = _kernels.local_view(grad)[0]
+                out.params.append(local)
                 out.grads.append(grad)
+                out.shard_groups.append(shard_group)
                 out.states.append(state)
             else:
                 state = self.state.get(p)
@@ -262,17 +265,30 @@ class CriticalBufferOptimizer(Optimizer):
         return bool(foreach), bool(fused)
 
     def _priorities(self, work: list[GroupTensors], groups: list[dict]) -> list[float | None]:
-        """Step 5: p_t = ‖g_t‖₂ over each group, gathered with one host sync."""
-        norms = [
-            _kernels.global_norm(w.grads, bool(g.get("reference_compat"))) if w.params else None
-            for w, g in zip(work, groups)
-        ]
-        present = [n for n in norms if n is not None]
+        """Step 5: p_t = ‖g_t‖₂ over each group, gathered with one host sync.
+
+        Under FSDP2 every rank holds a shard of each gradient: the squared
+        norms of the shards are summed over the ranks with one all-reduce per
+        step for all groups, so that every rank takes the same decisions."""
+        present = [w for w in work if w.params]
         if not present:
-            return [None] * len(norms)
-        device = present[0].device
-        values = iter(torch.stack([n.to(device, torch.float64) for n in present]).tolist())
-        return [next(values) if n is not None else None for n in norms]
+            return [None] * len(work)
+        device = present[0].grads[0].device
+        sq = [_kernels.squared_norms(w.grads).to(device, torch.float64) for w in present]
+        sharded = [torch.tensor([g is not None for g in w.shard_groups], device=device) for w in present]
+        shard_group = next((g for w in present for g in w.shard_groups if g is not None), None)
+        if shard_group is not None:
+            flat = torch.cat([s[m] for s, m in zip(sq, sharded)])
+            flat = _kernels.all_reduce_sum(flat, shard_group)
+            offset = 0
+            for s, m in zip(sq, sharded):
+                n = int(m.sum())
+                s[m] = flat[offset:offset + n]
+                offset += n
+        values = [s.sqrt().sum() if g.get("reference_compat") else s.sum().sqrt()
+                  for s, g in zip(sq, (g for w, g in zip(work, groups) if w.params))]
+        values = iter(torch.stack(values).tolist())
+        return [next(values) if w.params else None for w in work]
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,36 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     sweep.add_argument("--report", action="store_true", help="write the report when the sweep is done")
 
-    report = sub.add_parser("report", help="the forgetting analysis of every run under a folder")
+    from .supervised import SupervisedConfig
+    from .toy import LANDSCAPES, TOY_OPTIMIZERS
+
+    sup = sub.add_parser("supervised", help="CIFAR-10/100 or Penn Treebank training, the paper's benchmarks",
+                         description=__import__("experiments.supervised", fromlist=["x"]).__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    sup.add_argument("--config", help="TOML or JSON file of settings; flags given as well override it")
+    sup.add_argument("--optimizers", nargs="+", help="run every one of these (default: --optimizer)")
+    sup.add_argument("--seeds", nargs="+", type=int, help="run every one of these seeds (default: --seed)")
+    sup.add_argument("--report", action="store_true", help="write the report of --out at the end")
+    C.add_arguments(sup, SupervisedConfig)
+
+    toy = sub.add_parser("toy", help="optimizers on 2-D landscapes: exploration and escape",
+                         description=__import__("experiments.toy", fromlist=["x"]).__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    toy.add_argument("--landscapes", nargs="+", default=list(LANDSCAPES), choices=LANDSCAPES)
+    toy.add_argument("--optimizers", nargs="+", default=list(TOY_OPTIMIZERS),
+                     help=f"default: {' '.join(TOY_OPTIMIZERS)}")
+    toy.add_argument("--sharpness", nargs="+", type=float, default=[0.3],
+                     help="widths s of the sharp minimum of sharp_wide; several give escape ratio against "
+                          "sharpness (default: 0.3)")
+    toy.add_argument("--starts", type=int, default=50, help="random starts per run (default: 50)")
+    toy.add_argument("--steps", type=int, default=300, help="optimizer steps per start (default: 300)")
+    toy.add_argument("--lr", type=float, default=0.05, help="learning rate of every optimizer (default: 0.05)")
+    toy.add_argument("--rho", type=float, default=0.05, help="SAM radius (default: 0.05)")
+    toy.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of the starts (default: 0)")
+    toy.add_argument("--out", default="runs/toy", help="results folder (default: runs/toy)")
+    toy.add_argument("--report", action="store_true", help="write the report of --out at the end")
+
+    report = sub.add_parser("report", help="the report of every run under a folder")
     report.add_argument("folder")
     report.add_argument("--out", help="report folder (default: FOLDER/report)")
     return ap
@@ -56,6 +86,10 @@ def main(argv=None) -> int:
             run(C.from_args(args))
         elif args.command == "sweep":
             return _sweep(args)
+        elif args.command == "supervised":
+            return _supervised(args)
+        elif args.command == "toy":
+            return _toy(args)
         elif args.command == "report":
             from .report import render
 
@@ -91,6 +125,57 @@ def _sweep(args) -> int:
 
         print(f"report: {render(out)}")
     return 1 if failed else 0
+
+
+def _supervised(args) -> int:
+    from . import supervised as S
+
+    base = C.from_args(args, S.SupervisedConfig)
+    out = args.out if "out" in vars(args) else f"runs/supervised-{base.task}"
+    cells = S.grid(base, args.optimizers or [base.optimizer], args.seeds or [base.seed], out)
+    joined = S.init_distributed_from_env()  # under torchrun: DDP, data split across ranks, rank 0 writes
+    try:
+        for cell in cells:
+            S.run(cell)
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if args.report and os.environ.get("RANK", "0") == "0":
+        from .report import render
+
+        print(f"report: {render(out)}")
+    return 0
+
+
+def _toy(args) -> int:
+    from .results import managed_run
+    from .toy import ToyConfig, plot_toy, run_toy
+
+    for landscape in args.landscapes:
+        for sharpness in (args.sharpness if landscape == "sharp_wide" else [args.sharpness[0]]):
+            for seed in args.seeds:
+                cfg = ToyConfig(landscape=landscape, sharpness=sharpness, optimizers=tuple(args.optimizers),
+                                starts=args.starts, steps=args.steps, lr=args.lr, rho=args.rho, seed=seed)
+                name = landscape + (f"-s{sharpness:g}" if landscape == "sharp_wide" else "")
+                folder = Path(args.out) / name / f"seed{seed}"
+                settings = {**cfg.__dict__, "optimizers": list(cfg.optimizers)}
+
+                def train(out, cfg=cfg):
+                    result = run_toy(cfg)
+                    plot_toy(result, out / "trajectories.png")
+                    return result
+
+                result, _ = managed_run(folder, settings, (), f"toy landscape {landscape}", train)
+                print(f"{name} seed {seed}: " + ", ".join(
+                    f"{k} escape {100 * v['escape_ratio']:.0f}% loss {v['mean_final_loss']:.3g} "
+                    f"travelled {v['mean_travelled']:.2f}" for k, v in result["results"].items()))
+    if args.report:
+        from .report import render
+
+        print(f"report: {render(args.out)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,44 @@ def _f(default, help: str, group: str, choices=None):
 
 
 @dataclass
-class RunConfig:
+class OptimizerSettings:
+    """Optimizer hyperparameters shared by every kind of run (None: the
+    default of :func:`strategies.make_optimizer`)."""
+
+    lr: float | None = _f(None, "learning rate (sgd 0.01, Adam family 1e-3)", "optimizer")
+    weight_decay: float | None = _f(None, "decoupled weight decay (0)", "optimizer")
+    momentum: float | None = _f(None, "SGD momentum (0)", "optimizer")
+    buffer_size: int | None = _f(None, "C, critical momenta kept (5)", "optimizer")
+    decay: float | None = _f(None, "lambda, priority decay per step (0.7)", "optimizer")
+    kappa: float | None = _f(None, "kappa, weight of mean(B) (1.0)", "optimizer")
+    second_moment: str | None = _f(None, "aggregated (paper) or gradient", "optimizer")
+    rho: float | None = _f(None, "SAM radius (0.05)", "optimizer")
+    adaptive: bool | None = _f(None, "adaptive SAM (False)", "optimizer")
+
+
+@dataclass
+class RuntimeSettings:
+    """Where and how a run executes; none of it changes results."""
+
+    out: str = _f("runs/run", "folder of this run's results", "runtime")
+    data_root: str = _f("data", "folder holding (or receiving) the data sets", "runtime")
+    download: bool = _f(True, "let torchvision download missing data (--no-download: fail at once)", "runtime")
+    device: str | None = _f(None, "cpu, cuda, cuda:1, ... (default: cuda if available)", "runtime")
+    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", "runtime")
+    eval_batch_size: int = _f(512, "evaluation mini-batch size", "runtime")
+    progress: bool = _f(True, "progress bars", "runtime")
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunConfig(OptimizerSettings, RuntimeSettings):
+    """Every setting of ``cl-cm run``."""
+
     # ---- what to run
     benchmark: str = _f("permuted_mnist", "continual-learning benchmark", "run", BENCHMARKS)
     strategy: str = _f("naive", "Avalanche strategy", "run", tuple(STRATEGIES))
@@ -56,16 +93,6 @@ class RunConfig:
     model: str | None = _f(None, "mlp, slim_resnet18 or mt_slim_resnet18", "protocol")
     width: int | None = _f(None, "hidden units (mlp) or base channels nf (resnets)", "protocol")
     augment: bool | None = _f(None, "random crop and flip on CIFAR training images", "protocol")
-    # ---- optimizer (default: strategies.make_optimizer's)
-    lr: float | None = _f(None, "learning rate (sgd 0.01, Adam family 1e-3)", "optimizer")
-    weight_decay: float | None = _f(None, "decoupled weight decay (0)", "optimizer")
-    momentum: float | None = _f(None, "SGD momentum (0)", "optimizer")
-    buffer_size: int | None = _f(None, "C, critical momenta kept (5)", "optimizer")
-    decay: float | None = _f(None, "lambda, priority decay per step (0.7)", "optimizer")
-    kappa: float | None = _f(None, "kappa, weight of mean(B) (1.0)", "optimizer")
-    second_moment: str | None = _f(None, "aggregated (paper) or gradient", "optimizer")
-    rho: float | None = _f(None, "SAM radius (0.05)", "optimizer")
-    adaptive: bool | None = _f(None, "adaptive SAM (False)", "optimizer")
     # ---- strategy (default: strategies.make_strategy's)
     ewc_lambda: float | None = _f(None, "EWC penalty weight (1.0)", "strategy")
     si_lambda: float | None = _f(None, "SI penalty weight (1.0)", "strategy")
@@ -80,19 +107,6 @@ class RunConfig:
     # ---- measurements and runtime
     sharpness: bool = _f(False, "record the top Hessian eigenvalue on every seen experience after each one", "run")
     sharpness_samples: int = _f(128, "samples per experience for --sharpness", "run")
-    data_root: str = _f("data", "folder holding (or receiving) the data sets", "runtime")
-    download: bool = _f(True, "let torchvision download missing data (--no-download: fail at once)", "runtime")
-    out: str = _f("runs/run", "folder of this run's results", "runtime")
-    device: str | None = _f(None, "cpu, cuda, cuda:1, ... (default: cuda if available)", "runtime")
-    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", "runtime")
-    eval_batch_size: int = _f(512, "evaluation mini-batch size", "runtime")
-    progress: bool = _f(True, "progress bars", "runtime")
-
-    def replace(self, **changes) -> "RunConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 #: config fields that do not change results (they may differ between a run and its resumption)
@@ -137,24 +151,55 @@ def load_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot parse {path}: {e}") from None
 
 
-def from_mapping(values: dict[str, Any], where: str, base: RunConfig | None = None) -> RunConfig:
-    """A RunConfig from a flat mapping of field names (a config file)."""
-    check_keys(values, where)
-    return dataclasses.replace(base or RunConfig(), **values)
+def from_mapping(values: dict[str, Any], where: str, base=None, cls=None):
+    """A config (``cls``, default RunConfig) from a flat mapping of field names (a config file)."""
+    if cls is None:
+        cls = type(base) if base is not None else RunConfig
+    check_keys(values, where, allowed=tuple(f.name for f in fields(cls)))
+    return dataclasses.replace(base or cls(), **values)
 
 
-def protocol(benchmark: str, preset: str) -> dict[str, Any]:
-    """The protocol table ``[preset]`` of ``protocols/<benchmark>.toml``."""
-    if benchmark not in BENCHMARKS:
-        raise ConfigError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
-    table = load_file(PROTOCOL_DIR / f"{benchmark}.toml")
+def protocol(name: str, preset: str, allowed=PROTOCOL_FIELDS) -> dict[str, Any]:
+    """The protocol table ``[preset]`` of ``protocols/<name>.toml``, plus its
+    ``_description`` and the file's ``_scenario``."""
+    path = PROTOCOL_DIR / f"{name}.toml"
+    if not path.exists():
+        raise ConfigError(f"unknown benchmark or task {name!r}")
+    table = load_file(path)
     presets = [k for k, v in table.items() if isinstance(v, dict)]
     if preset not in presets:
-        raise ConfigError(f"unknown preset {preset!r} for {benchmark}; choose one of {', '.join(presets)}")
+        raise ConfigError(f"unknown preset {preset!r} for {name}; choose one of {', '.join(presets)}")
     values = dict(table[preset])
-    meta = {k: values.pop(k) for k in ("description", "anchor") if k in values}
-    check_keys(values, f"{PROTOCOL_DIR / benchmark}.toml [{preset}]", allowed=PROTOCOL_FIELDS)
-    return {**values, "_scenario": table.get("scenario", ""), "_description": meta.get("description", "")}
+    description = values.pop("description", "")
+    check_keys(values, f"{path} [{preset}]", allowed=allowed)
+    return {**values, "_scenario": table.get("scenario", ""), "_description": description}
+
+
+def fill_protocol(cfg, name: str, allowed):
+    """``cfg`` with every protocol field left at None taken from its preset."""
+    preset = protocol(name, cfg.preset, allowed)
+    filled = {k: preset[k] for k in allowed if getattr(cfg, k) is None and k in preset}
+    missing = [k for k in allowed if getattr(cfg, k) is None and k not in preset]
+    if missing:
+        raise ConfigError(f"preset {cfg.preset!r} of {name} does not set {missing}; pass them as flags")
+    return dataclasses.replace(cfg, **filled)
+
+
+def check_choice(name: str, value, allowed) -> None:
+    """Raise :class:`ConfigError` when ``value`` is not one of ``allowed``, suggesting the closest."""
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown {name} {value!r}{hint}; choose one of {', '.join(map(str, allowed))}")
+
+
+def check_optimizer_settings(cfg) -> None:
+    """Optimizer settings given explicitly must be ones that the optimizer takes."""
+    accepted = optimizer_options(cfg.optimizer)
+    wrong = [k for k in OPTIMIZER_FIELDS if getattr(cfg, k) is not None and k not in accepted]
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} does not apply to optimizer {cfg.optimizer!r}; it takes "
+                          f"{', '.join(accepted)}")
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
@@ -162,22 +207,9 @@ def resolve(cfg: RunConfig) -> RunConfig:
     for name, allowed in (("benchmark", BENCHMARKS), ("strategy", tuple(STRATEGIES)),
                           ("optimizer", tuple(OPTIMIZERS)), ("boundary", BOUNDARIES),
                           ("kappa_schedule", KAPPA_SCHEDULES)):
-        value = getattr(cfg, name)
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown {name} {value!r}{hint}; choose one of {', '.join(allowed)}")
-    preset = protocol(cfg.benchmark, cfg.preset)
-    filled = {k: preset[k] for k in PROTOCOL_FIELDS if getattr(cfg, k) is None and k in preset}
-    missing = [k for k in PROTOCOL_FIELDS if getattr(cfg, k) is None and k not in preset]
-    if missing:
-        raise ConfigError(f"preset {cfg.preset!r} of {cfg.benchmark} does not set {missing}; pass them as flags")
-    cfg = dataclasses.replace(cfg, **filled)
-    accepted = optimizer_options(cfg.optimizer)
-    wrong = [k for k in OPTIMIZER_FIELDS if getattr(cfg, k) is not None and k not in accepted]
-    if wrong:
-        raise ConfigError(f"{', '.join(wrong)} does not apply to optimizer {cfg.optimizer!r}; it takes "
-                          f"{', '.join(accepted)}")
+        check_choice(name, getattr(cfg, name), allowed)
+    cfg = fill_protocol(cfg, cfg.benchmark, PROTOCOL_FIELDS)
+    check_optimizer_settings(cfg)
     if cfg.optimizer not in BUFFERED_OPTIMIZERS:
         changed = [k for k in BUFFER_FIELDS if getattr(cfg, k) != getattr(RunConfig, k)]
         if changed:
@@ -227,10 +259,10 @@ def run_label(cfg: RunConfig) -> str:
 
 
 # ------------------------------------------------------------------- argparse
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field, grouped as in the dataclass, defaults shown."""
+def add_arguments(parser: argparse.ArgumentParser, cls=None) -> None:
+    """One flag per field of ``cls`` (default RunConfig), grouped, defaults shown."""
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in fields(RunConfig):
+    for f in fields(cls or RunConfig):
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(f"{meta['group']} settings"))
         flag = "--" + f.name.replace("_", "-")
@@ -252,10 +284,12 @@ def _kind(f: dataclasses.Field):
     return str
 
 
-def from_args(args: argparse.Namespace) -> RunConfig:
+def from_args(args: argparse.Namespace, cls=None):
     """Config file first (``--config``), then the flags given on the command line."""
-    values = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
-    base = RunConfig()
+    cls = cls or RunConfig
+    names = {f.name for f in fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    base = cls()
     if getattr(args, "config", None):
-        base = from_mapping(load_file(args.config), str(args.config))
+        base = from_mapping(load_file(args.config), str(args.config), cls=cls)
     return dataclasses.replace(base, **values)

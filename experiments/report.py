@@ -108,12 +108,20 @@ def render(folder: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out else folder / "report"
     (out / "figures").mkdir(parents=True, exist_ok=True)
     runs = load_runs(folder)
-    lines = ["# Forgetting analysis", "",
+    lines = ["# Report", "",
              f"{len(runs)} finished run(s) under `{folder}`. Accuracies in %, BWT and forgetting in "
              "percentage points; mean ± std over seeds; n = number of seeds. Differences to Adam are paired by "
              "seed, with a 95% Student-t confidence interval.", ""]
     if not runs:
         lines.append("No finished runs (a run is finished when its folder holds metrics.json).")
+    kinds = defaultdict(list)
+    for run in runs:
+        kinds[run["metrics"].get("kind", "cl")].append(run)
+    runs = kinds["cl"]
+    if kinds["supervised"]:
+        lines += _supervised_sections(kinds["supervised"], out)
+    if kinds["toy"]:
+        lines += _toy_sections(kinds["toy"], out)
     groups = _group_runs(runs)
     for index, ((bench, preset, strategy, _), by_policy) in enumerate(sorted(groups.items(), key=str)):
         same = sum(1 for (b, p, s, _) in groups if (b, p, s) == (bench, preset, strategy))
@@ -334,3 +342,167 @@ def _figures(slug: str, by_policy, policies, out: Path) -> list[str]:
         save(fig, "sharpness-vs-forgetting")
 
     return [f"![{name}]({path})" for name, path in files] + [""]
+
+
+# ----------------------------------------------------------- supervised runs
+def _mean_sd(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    return _fmt(float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan)
+
+
+def _supervised_sections(runs, out: Path) -> list[str]:
+    from .supervised import IMAGE_PROTOCOL, LM_PROTOCOL
+
+    groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        cfg = run["config"]
+        keys = LM_PROTOCOL if cfg["task"] == "ptb" else IMAGE_PROTOCOL
+        groups[(cfg["task"], cfg["preset"], tuple(cfg[k] for k in keys))][run["metrics"]["label"]].append(run)
+    lines = []
+    for index, ((task, preset, _), by_label) in enumerate(sorted(groups.items(), key=str)):
+        labels = _policy_order(by_label)
+        first = by_label[labels[0]][0]
+        lm = task == "ptb"
+        lines += [f"## {task}, preset `{preset}` (supervised)", "", f"*Protocol:* {first.get('protocol', '')}.", ""]
+        if lm:
+            header = ["optimizer", "n", "lr", "seeds", "validation perplexity", "test perplexity", "seconds"]
+        else:
+            header = ["optimizer", "n", "lr", "seeds", "test accuracy (%)", "top Hessian eigenvalue", "seconds"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for lab in labels:
+            rs = by_label[lab]
+            ms = [r["metrics"] for r in rs]
+            lr = effective_settings({**rs[0]["config"], "strategy": "naive"})["lr"]
+            cells = [f"`{lab}`", str(len(rs)), f"{lr}", ",".join(str(m["seed"]) for m in ms)]
+            if lm:
+                cells += [_mean_sd([m["valid_ppl"] for m in ms]), _mean_sd([m["test_ppl"] for m in ms])]
+            else:
+                cells += [_mean_sd([100 * m["test_accuracy"] for m in ms]),
+                          _mean_sd([m.get("top_hessian_eigenvalue") for m in ms])]
+            cells.append(f"{np.mean([m['train_seconds'] for m in ms]):.0f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        key, name, scale = ("valid_ppl", "validation perplexity", 1) if lm else ("test_accuracy", "test accuracy (pp)", 100)
+        base = {r["metrics"]["seed"]: r["metrics"] for r in by_label.get(BASELINE, [])}
+        if base:
+            lines += [f"Paired difference to Adam in {name} (same seeds), mean and 95% CI"
+                      + (" (lower perplexity is better):" if lm else ":"), ""]
+            for lab in labels:
+                if lab == BASELINE:
+                    continue
+                diffs = [scale * (r["metrics"][key] - base[r["metrics"]["seed"]][key]) for r in by_label[lab]
+                         if r["metrics"]["seed"] in base]
+                if diffs:
+                    mean, half = t_interval(diffs)
+                    ci = f"[{mean - half:+.2f}, {mean + half:+.2f}]" if not math.isnan(half) else "(one seed)"
+                    lines.append(f"- `{lab}`: {mean:+.2f} {ci} over {len(diffs)} seeds")
+            lines.append("")
+        lines += _supervised_figures(f"{task}-{preset}-{index}", by_label, labels, lm, out)
+    return lines
+
+
+def _supervised_figures(slug, by_label, labels, lm: bool, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    palette = dict(zip(labels, sns.color_palette("colorblind", len(labels))))
+    files = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        path = out / "figures" / f"{slug}-{name}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        files.append((name, path.relative_to(out)))
+
+    metric = "valid_ppl" if lm else "test_accuracy"
+    ylabel = "validation perplexity" if lm else "test accuracy (%)"
+    rows = [{"optimizer": lab, "epoch": h["epoch"], ylabel: h[metric] * (1 if lm else 100)}
+            for lab in labels for r in by_label[lab] for h in r["metrics"]["history"]]
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    sns.lineplot(data=pd.DataFrame(rows), x="epoch", y=ylabel, hue="optimizer", hue_order=labels,
+                 palette=palette, errorbar="sd", marker="o", ax=ax)
+    ax.set_title(f"{ylabel} during training (mean ± sd over seeds)", fontsize=10)
+    save(fig, "curves")
+    if not lm:
+        rows = [{"optimizer": lab, "top Hessian eigenvalue": r["metrics"]["top_hessian_eigenvalue"]}
+                for lab in labels for r in by_label[lab] if r["metrics"].get("top_hessian_eigenvalue") is not None]
+        if rows:
+            fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 2.5, 3.4))
+            sns.barplot(data=pd.DataFrame(rows), x="optimizer", y="top Hessian eigenvalue", order=labels,
+                        hue="optimizer", palette=palette, legend=False, errorbar="sd", capsize=0.2, ax=ax)
+            ax.set_xlabel("")
+            ax.set_xticks(range(len(labels)), [_wrap(lab) for lab in labels], fontsize=7)
+            ax.set_title("Sharpness at the end of training (mean ± sd)", fontsize=10)
+            save(fig, "sharpness")
+    rows = [{"optimizer": lab, "iteration": p["iteration"], "statistic": stat, "value": p[stat]}
+            for lab in labels for r in by_label[lab] for p in r["metrics"].get("buffer_series", [])
+            for stat in ("cosine_similarity", "exploration") if p.get(stat) is not None]
+    if rows:
+        grid = sns.relplot(data=pd.DataFrame(rows), x="iteration", y="value", hue="optimizer", col="statistic",
+                           kind="line", errorbar="sd", palette=palette, height=3, aspect=1.3,
+                           facet_kws={"sharey": False})
+        grid.set_titles("{col_name}")
+        grid.figure.suptitle("Gradient cancellation: pairwise cosine of stored entries, and "
+                             "‖mean(B)‖/‖m‖", y=1.04, fontsize=10)
+        save(grid.figure, "buffer")
+    return [f"![{name}]({path})" for name, path in files] + [""]
+
+
+# ------------------------------------------------------------------ toy runs
+def _toy_sections(runs, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    from .toy import plot_toy
+
+    lines = ["## Toy landscapes", "",
+             "Escape: the run ends in the basin of a different minimum that is at least as low as the one its "
+             "start lies in (basins found by gradient descent; see `experiments/toy.py`). Mean ± std over seeds "
+             "of the per-seed averages over starts.", "",
+             "| landscape | optimizer | seeds | starts | escape ratio (%) | final loss | distance travelled |",
+             "|---|---|---|---|---|---|---|"]
+    by_case = defaultdict(list)
+    for run in runs:
+        c = run["config"]
+        by_case[(c["landscape"], c["sharpness"] if c["landscape"] == "sharp_wide" else None)].append(run)
+    sweep_rows = []
+    for (landscape, sharpness), rs in sorted(by_case.items(), key=str):
+        name = landscape + (f" (s = {sharpness:g})" if sharpness is not None else "")
+        for opt in rs[0]["metrics"]["config"]["optimizers"]:
+            res = [r["metrics"]["results"][opt] for r in rs]
+            lines.append(f"| {name} | `{opt}` | {len(rs)} | {len(res[0]['escaped'])} | "
+                         f"{_mean_sd([100 * x['escape_ratio'] for x in res])} | "
+                         f"{_mean_sd([x['mean_final_loss'] for x in res])} | "
+                         f"{_mean_sd([x['mean_travelled'] for x in res])} |")
+            if sharpness is not None:
+                sweep_rows += [{"optimizer": opt, "sharpness s": sharpness, "escape ratio (%)": 100 * x["escape_ratio"]}
+                               for x in res]
+        path = out / "figures" / f"toy-{landscape}{'' if sharpness is None else f'-s{sharpness:g}'}.png"
+        plot_toy(sorted(rs, key=lambda r: r["metrics"]["config"]["seed"])[0]["metrics"], path)
+    lines.append("")
+    for (landscape, sharpness), rs in sorted(by_case.items(), key=str):
+        name = f"toy-{landscape}{'' if sharpness is None else f'-s{sharpness:g}'}.png"
+        lines.append(f"![{name}](figures/{name})")
+    if len({r["sharpness s"] for r in sweep_rows}) > 1:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        sns.lineplot(data=pd.DataFrame(sweep_rows), x="sharpness s", y="escape ratio (%)", hue="optimizer",
+                     errorbar="sd", marker="o", palette="colorblind", ax=ax)
+        ax.set_xlabel("width s of the sharp minimum (smaller: sharper)")
+        ax.set_title("sharp_wide: escape ratio against sharpness", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / "figures" / "toy-escape-vs-sharpness.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        lines.append("![escape-vs-sharpness](figures/toy-escape-vs-sharpness.png)")
+    return lines + [""]

@@ -16,10 +16,7 @@ A run folder holds:
 from __future__ import annotations
 
 import math
-import os
-import platform
 import re
-import subprocess
 import sys
 import time
 import warnings
@@ -35,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import config as C
 from . import metrics as M
-from .io import read_json, run_lock, write_json
+from .results import managed_run
 
 # Avalanche's checkpoints pickle the strategy with dill, which finds a class
 # through its module's attribute on the parent package. torch.optim deletes
@@ -110,65 +107,19 @@ class ProgressBars(SupervisedPlugin):
         return {**self.__dict__, "bar": None}
 
 
-def environment() -> dict[str, Any]:
-    """Versions and commit, recorded with every run."""
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("torch", "torchvision", "avalanche-lib", "numpy", "seaborn", "cl-cm"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=Path(__file__).parent,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
-            "git_commit": commit, "git_dirty": dirty, "command": sys.argv}
-
-
 def _device(cfg: C.RunConfig) -> torch.device:
     if cfg.device:
         return torch.device(cfg.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _settings(cfg_dict: dict) -> dict:
-    return {k: v for k, v in cfg_dict.items() if k not in C.RUNTIME_FIELDS}
-
-
-class ConfigMismatch(C.ConfigError):
-    """The results folder holds a run with other settings."""
-
-
 def run(cfg: C.RunConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """Run (or resume, or just report) the run described by ``cfg`` in
+    """Run (or resume, or just read) the run described by ``cfg`` in
     ``cfg.out``; return its metrics. Safe to call again after a crash."""
     cfg = C.resolve(cfg)
-    out = Path(cfg.out)
-    with run_lock(out):
-        saved = out / "config.json"
-        if saved.exists():
-            previous = read_json(saved)["config"]
-            if _settings(previous) != _settings(cfg.to_dict()):
-                diff = sorted(k for k in _settings(cfg.to_dict()) if previous.get(k) != getattr(cfg, k))
-                raise ConfigMismatch(f"{out} holds a run with other settings ({', '.join(diff)} differ); "
-                                     "choose another --out or delete that folder")
-        if (out / "metrics.json").exists():
-            metrics = read_json(out / "metrics.json")
-            if not quiet:
-                print(render_summary(metrics, cfg))
-            return metrics
-        if not saved.exists():
-            write_json(saved, {"config": cfg.to_dict(), "environment": environment(),
-                               "protocol": C.protocol(cfg.benchmark, cfg.preset)["_description"]})
-        metrics = _train(cfg, out, quiet)
-        write_json(out / "metrics.json", metrics)
-        (out / "checkpoint.pkl").unlink(missing_ok=True)
+    metrics, _ = managed_run(cfg.out, cfg.to_dict(), C.RUNTIME_FIELDS,
+                             C.protocol(cfg.benchmark, cfg.preset)["_description"],
+                             lambda out: _train(cfg, out, quiet))
     if not quiet:
         print(render_summary(metrics, cfg))
     return metrics

@@ -403,3 +403,51 @@ def test_resize_buffer_per_group_and_reset_moments():
     st = opt.state[model[0].weight]
     assert st["exp_avg"].abs().sum() == 0 and st["exp_avg_sq"].abs().sum() == 0 and st["step"] == 0
     assert torch.equal(st["buffer"], rows), "reset_moments keeps the buffer"
+
+
+@pytest.mark.parametrize("cls", [AdamCM, AdamCG], ids=["AdamCM", "AdamCG"])
+def test_bfloat16_parameters_and_autocast_train(cls):
+    """bf16 parameters (fused kernel on the CPU) and float32 parameters under
+    bf16 autocast both train."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = x @ torch.randn(4, 2)
+    for dtype, autocast in ((torch.bfloat16, False), (torch.float32, True)):
+        model = problem(dtype)
+        opt = cls(model.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(60):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = nn.functional.mse_loss(model(x.to(dtype)).float(), y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        assert opt.state[model[0].weight]["exp_avg"].dtype == dtype
+        assert losses[-1] < 0.5 * losses[0] and all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_at_most_one_host_sync_per_step_on_cuda(impl):
+    import warnings
+
+    model = problem(torch.float32).cuda()
+    opt = AdamCM(model.parameters(), lr=1e-2, buffer_size=3, **IMPLS[impl])
+    x, y = torch.randn(8, 4, device="cuda"), torch.randn(8, 2, device="cuda")
+    for _ in range(6):  # fill the buffer first: the steady state replaces entries
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= 1, [str(w.message) for w in syncs]

@@ -1,0 +1,346 @@
+"""The paper's supervised benchmarks: CIFAR-10/100 image classification and
+Penn Treebank language modelling, for every optimizer.
+
+One run trains one model with one optimizer and seed, and writes the same
+kind of results folder as a continual-learning run (``config.json``,
+``metrics.json``, a checkpoint after every epoch for resumption):
+
+* CIFAR: test accuracy after every epoch, and the top Hessian eigenvalue of
+  the training loss at the end (on the first ``sharpness_samples`` training
+  images, without augmentation, model in eval mode);
+* PTB: validation perplexity after every epoch, validation and test
+  perplexity at the end.
+
+Buffered optimizers also record ``buffer_stats()`` every ``stats_every``
+iterations: the mean pairwise cosine similarity of the stored entries (the
+paper's gradient-cancellation diagnostic) and ‖mean(B)‖/‖m‖.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from strategies import OPTIMIZERS, make_optimizer
+
+from . import config as C
+from .config import OptimizerSettings, RuntimeSettings, _f
+from .results import managed_run
+
+TASKS = ("cifar10", "cifar100", "ptb")
+IMAGE_PROTOCOL = ("epochs", "batch_size", "model", "width", "train_per_class", "test_per_class", "augment",
+                  "lr_schedule", "sharpness_samples")
+LM_PROTOCOL = ("epochs", "batch_size", "model", "width", "layers", "dropout", "bptt", "clip",
+               "max_train_tokens", "lr_schedule")
+
+
+@dataclass
+class SupervisedConfig(OptimizerSettings, RuntimeSettings):
+    """Every setting of ``cl-cm supervised``."""
+
+    task: str = _f("cifar10", "supervised benchmark", "run", TASKS)
+    optimizer: str = _f("adam", "optimizer", "run", tuple(OPTIMIZERS))
+    preset: str = _f("cpu", "protocol preset (smoke, cpu, paper, ...): see experiments/protocols/<task>.toml",
+                     "run")
+    seed: int = _f(0, "seed of initialisation, data order, augmentation and dropout", "run")
+    # ---- protocol (default: the preset's value)
+    epochs: int | None = _f(None, "training epochs", "protocol")
+    batch_size: int | None = _f(None, "mini-batch size (PTB: parallel token streams)", "protocol")
+    model: str | None = _f(None, "slim_resnet18, resnet34 (CIFAR) or lstm (PTB)", "protocol")
+    width: int | None = _f(None, "base channels (ResNets) or hidden units (LSTM)", "protocol")
+    train_per_class: int | None = _f(None, "CIFAR training images per class (0: all)", "protocol")
+    test_per_class: int | None = _f(None, "CIFAR test images per class (0: all)", "protocol")
+    augment: bool | None = _f(None, "CIFAR random crop and flip", "protocol")
+    lr_schedule: str | None = _f(None, "cosine (to 0 over training) or constant", "protocol")
+    layers: int | None = _f(None, "LSTM layers", "protocol")
+    dropout: float | None = _f(None, "LSTM dropout", "protocol")
+    bptt: int | None = _f(None, "truncated backpropagation length (tokens)", "protocol")
+    clip: float | None = _f(None, "gradient-norm clipping (0: none)", "protocol")
+    max_train_tokens: int | None = _f(None, "PTB training tokens used (0: all)", "protocol")
+    sharpness_samples: int | None = _f(None, "CIFAR training images for the final top Hessian eigenvalue "
+                                       "(0: skip)", "protocol")
+    # ---- measurements
+    stats_every: int = _f(25, "iterations between two buffer-statistics records", "run")
+
+
+def resolve(cfg: SupervisedConfig) -> SupervisedConfig:
+    C.check_choice("task", cfg.task, TASKS)
+    C.check_choice("optimizer", cfg.optimizer, tuple(OPTIMIZERS))
+    cfg = C.fill_protocol(cfg, cfg.task, LM_PROTOCOL if cfg.task == "ptb" else IMAGE_PROTOCOL)
+    C.check_choice("lr_schedule", cfg.lr_schedule, ("cosine", "constant"))
+    C.check_optimizer_settings(cfg)
+    for name in ("epochs", "batch_size", "width"):
+        if getattr(cfg, name) < 1:
+            raise C.ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    return cfg
+
+
+def label(cfg: SupervisedConfig) -> str:
+    """The optimizer plus every optimizer setting given explicitly."""
+    extra = C.optimizer_kwargs(cfg)
+    return " ".join([cfg.optimizer] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in sorted(extra.items())])
+
+
+def run(cfg: SupervisedConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Run, resume or read the run of ``cfg`` in ``cfg.out``."""
+    cfg = resolve(cfg)
+    train = _train_language_model if cfg.task == "ptb" else _train_images
+    metrics, _ = managed_run(cfg.out, cfg.to_dict(), C.RUNTIME_FIELDS + ("stats_every",),
+                             C.protocol(cfg.task, cfg.preset, LM_PROTOCOL if cfg.task == "ptb" else IMAGE_PROTOCOL)
+                             ["_description"], lambda out: train(cfg, out, quiet))
+    if not quiet and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        print(summary(metrics))
+    return metrics
+
+
+def summary(m: dict[str, Any]) -> str:
+    head = f"== {m['task']} ({m['preset']}) | {m['label']} | seed {m['seed']}: "
+    if m["task"] == "ptb":
+        return head + f"validation perplexity {m['valid_ppl']:.1f}, test {m['test_ppl']:.1f}, " \
+                      f"{m['train_seconds']:.0f} s"
+    sharp = m.get("top_hessian_eigenvalue")
+    return head + f"test accuracy {100 * m['test_accuracy']:.2f}%, top Hessian eigenvalue " \
+                  f"{'n/a' if sharp is None else f'{sharp:.3g}'}, {m['train_seconds']:.0f} s"
+
+
+# ---------------------------------------------------------------- the loops
+class _Training:
+    """What the two loops share: device, optimizer, schedule, checkpoint, stats."""
+
+    def __init__(self, cfg: SupervisedConfig, out: Path, model: nn.Module, iters_per_epoch: int, quiet: bool):
+        import torch.distributed as dist
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        self.quiet = quiet or self.rank != 0
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        if distributed and default == "cuda":
+            default = f"cuda:{torch.cuda.current_device()}"
+        self.device = torch.device(cfg.device or default)
+        self.model = model.to(self.device)
+        # under torchrun the training forward goes through DDP; evaluation uses the plain module
+        self.net = (nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model)
+        self.opt = make_optimizer(cfg.optimizer, self.net.parameters(), **C.optimizer_kwargs(cfg))
+        total = cfg.epochs * iters_per_epoch
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total)
+                      if cfg.lr_schedule == "cosine" else None)
+        self.buffered = hasattr(getattr(self.opt, "base_optimizer", self.opt), "buffer_stats")
+        self.checkpoint = out / "checkpoint.pt"
+        self.state = {"epoch": 0, "iteration": 0, "history": [], "buffer_series": [], "seconds": 0.0}
+        if self.checkpoint.exists():
+            ckpt = torch.load(self.checkpoint, weights_only=True, map_location=self.device)
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            if self.sched is not None:
+                self.sched.load_state_dict(ckpt["scheduler"])
+            torch.set_rng_state(ckpt["rng"])
+            self.state = ckpt["state"]
+
+    def epochs(self):
+        from tqdm.auto import tqdm
+
+        for epoch in range(self.state["epoch"], self.cfg.epochs):
+            self._started = time.perf_counter()
+            yield epoch, (lambda it, total: tqdm(it, total=total, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+                                                 leave=False, disable=None if self.cfg.progress and not self.quiet
+                                                 else True, dynamic_ncols=True))
+
+    def step(self, closure) -> float:
+        loss = self.opt.step(closure).detach()
+        if self.world > 1:  # the global batch's loss, for the record
+            torch.distributed.all_reduce(loss)
+            loss = loss / self.world
+        if self.sched is not None:
+            self.sched.step()
+        self.state["iteration"] += 1
+        it = self.state["iteration"]
+        if self.buffered and it % self.cfg.stats_every == 0:
+            stats = getattr(self.opt, "base_optimizer", self.opt).buffer_stats()
+            self.state["buffer_series"].append({"iteration": it, **{k: float(v) for k, v in stats.items()}})
+        return float(loss)
+
+    def shard(self, *tensors, dim: int = 0):
+        """This rank's slice of a global batch (the whole batch in one process)."""
+        if self.world == 1:
+            return tensors
+        return tuple(t.tensor_split(self.world, dim=dim)[self.rank] for t in tensors)
+
+    def loss_scale(self, global_count: int) -> float:
+        """Multiplier of a summed local loss so that DDP's gradient average is
+        the gradient of the mean loss over the whole global batch."""
+        return self.world / global_count
+
+    def end_epoch(self, epoch: int, record: dict) -> None:
+        from .io import atomic_write
+
+        self.state["seconds"] += time.perf_counter() - self._started
+        self.state["history"].append({"epoch": epoch + 1, **record})
+        self.state["epoch"] = epoch + 1
+        if self.rank == 0:
+            ckpt = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                    "scheduler": self.sched.state_dict() if self.sched is not None else None,
+                    "rng": torch.get_rng_state(), "state": self.state}
+            atomic_write(self.checkpoint, lambda f: torch.save(ckpt, f), mode="wb")
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def metrics(self, **extra) -> dict[str, Any]:
+        cfg = self.cfg
+        out = {"kind": "supervised", "task": cfg.task, "preset": cfg.preset, "optimizer": cfg.optimizer,
+               "label": label(cfg), "seed": cfg.seed, "history": self.state["history"],
+               "train_seconds": self.state["seconds"], **extra}
+        if self.state["buffer_series"]:
+            out["buffer_series"] = self.state["buffer_series"]
+        return out
+
+
+def _train_images(cfg: SupervisedConfig, out: Path, quiet: bool) -> dict[str, Any]:
+    from .data import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, ImageTensorDataset,
+                       balanced_subset, load_torchvision)
+
+    name, classes, mean, std = (("CIFAR-10", 10, CIFAR10_MEAN, CIFAR10_STD) if cfg.task == "cifar10"
+                                else ("CIFAR-100", 100, CIFAR100_MEAN, CIFAR100_STD))
+    xtr, ytr, xte, yte = load_torchvision(name, cfg.data_root, cfg.download)
+    itr, ite = balanced_subset(ytr, cfg.train_per_class), balanced_subset(yte, cfg.test_per_class)
+    xtr = ImageTensorDataset.normalise(xtr[itr], mean, std)
+    train = ImageTensorDataset(xtr, ytr[itr], augment=cfg.augment)
+    test = ImageTensorDataset(ImageTensorDataset.normalise(xte[ite], mean, std), yte[ite])
+    torch.manual_seed(cfg.seed)
+    t = _Training(cfg, out, image_model(cfg.model, cfg.width, classes), math.ceil(len(train) / cfg.batch_size),
+                  quiet)
+    criterion = nn.CrossEntropyLoss()
+    summed = nn.CrossEntropyLoss(reduction="sum")
+    for epoch, bar in t.epochs():
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen)
+        t.model.train()
+        losses = []
+        for x, y in bar(loader, len(loader)):
+            scale = t.loss_scale(len(y))
+            x, y = (v.to(t.device) for v in t.shard(x, y))
+
+            def closure():
+                t.opt.zero_grad()
+                loss = summed(t.net(x), y) * scale
+                loss.backward()
+                return loss
+
+            losses.append(t.step(closure))
+        t.end_epoch(epoch, {"train_loss": sum(losses) / len(losses),
+                            "test_accuracy": accuracy(t.model, test, cfg.eval_batch_size, t.device)})
+    sharp, converged = None, None
+    if cfg.sharpness_samples and t.rank == 0:
+        from cl_cm.sharpness import top_hessian_eigenvalue
+
+        plain = ImageTensorDataset(xtr, ytr[itr])
+        n = min(cfg.sharpness_samples, len(plain))
+        batches = list(torch.utils.data.DataLoader(torch.utils.data.Subset(plain, range(n)), batch_size=128))
+        t.model.eval()
+        info = top_hessian_eigenvalue(t.model, criterion, batches, iters=100, tol=1e-3, seed=cfg.seed,
+                                      return_info=True)
+        sharp, converged = info.value, info.converged
+    return t.metrics(test_accuracy=t.state["history"][-1]["test_accuracy"], top_hessian_eigenvalue=sharp,
+                     sharpness_converged=converged)
+
+
+def image_model(model: str, width: int, classes: int) -> nn.Module:
+    """slim_resnet18: ResNet-18 for 32×32 images with ``width`` base channels
+    (64: the standard CIFAR ResNet-18; 20: the reduced one of GEM); resnet34:
+    the same with [3, 4, 6, 3] blocks."""
+    from avalanche.models.slim_resnet18 import BasicBlock, ResNet
+
+    if model == "slim_resnet18":
+        return ResNet(BasicBlock, [2, 2, 2, 2], classes, width)
+    if model == "resnet34":
+        return ResNet(BasicBlock, [3, 4, 6, 3], classes, width)
+    raise C.ConfigError(f"unknown image model {model!r}; use slim_resnet18 or resnet34")
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data, batch_size: int, device) -> float:
+    model.eval()
+    correct = total = 0
+    for x, y in torch.utils.data.DataLoader(data, batch_size=batch_size):
+        correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+        total += len(y)
+    return correct / total
+
+
+def _train_language_model(cfg: SupervisedConfig, out: Path, quiet: bool) -> dict[str, Any]:
+    from .ptb import Corpus, LSTMLanguageModel, batchify, perplexity
+
+    if cfg.model != "lstm":
+        raise C.ConfigError(f"ptb trains model 'lstm', not {cfg.model!r}")
+    corpus = Corpus(cfg.data_root, cfg.download)
+    tokens = corpus.train[: cfg.max_train_tokens or None]
+    train = batchify(tokens, cfg.batch_size)
+    valid, test = batchify(corpus.valid, 10), batchify(corpus.test, 10)
+    torch.manual_seed(cfg.seed)
+    model = LSTMLanguageModel(len(corpus), cfg.width, cfg.layers, cfg.dropout)
+    t = _Training(cfg, out, model, math.ceil((len(train) - 1) / cfg.bptt), quiet)
+    train, valid, test = train.to(t.device), valid.to(t.device), test.to(t.device)
+    summed = nn.CrossEntropyLoss(reduction="sum")
+    for epoch, bar in t.epochs():
+        t.model.train()
+        state, losses = None, []
+        for i in bar(range(0, len(train) - 1, cfg.bptt), math.ceil((len(train) - 1) / cfg.bptt)):
+            x, y = train[i:i + cfg.bptt], train[i + 1:i + 1 + cfg.bptt]
+            x = x[: len(y)]
+            scale = t.loss_scale(y.numel())
+            x, y = t.shard(x, y, dim=1)  # under torchrun each rank reads its columns of the token streams
+            state = None if state is None else tuple(s.detach() for s in state)
+            carried = []
+
+            def closure():
+                t.opt.zero_grad()
+                logits, new_state = t.net(x, state)
+                loss = summed(logits.flatten(0, 1), y.flatten()) * scale
+                loss.backward()
+                if cfg.clip:  # after backward, so on DDP's averaged gradient
+                    nn.utils.clip_grad_norm_(t.model.parameters(), cfg.clip)
+                if not carried:  # SAM calls twice: the state at θ carries on
+                    carried.append(new_state)
+                return loss
+
+            losses.append(t.step(closure))
+            state = carried[0]
+        t.end_epoch(epoch, {"train_loss": sum(losses) / len(losses),
+                            "valid_ppl": perplexity(t.model, valid, cfg.bptt)})
+    return t.metrics(valid_ppl=t.state["history"][-1]["valid_ppl"], test_ppl=perplexity(t.model, test, cfg.bptt),
+                     vocabulary=len(corpus), train_tokens=len(tokens))
+
+
+def init_distributed_from_env() -> bool:
+    """Join the process group that torchrun describes in the environment
+    (gloo on CPU, nccl on GPU); False when not launched by torchrun."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def grid(base: SupervisedConfig, optimizers, seeds, out: str | Path) -> list[SupervisedConfig]:
+    """One config per (optimizer, seed), each in ``out/<task>-<preset>/<label>/seed<S>``."""
+    cells = []
+    for optimizer in optimizers:
+        for seed in seeds:
+            cfg = resolve(dataclasses.replace(base, optimizer=optimizer, seed=seed))
+            folder = Path(out) / f"{cfg.task}-{cfg.preset}" / label(cfg).replace(" ", "-") / f"seed{seed}"
+            cells.append(dataclasses.replace(cfg, out=str(folder)))
+    return cells
