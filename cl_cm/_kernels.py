@@ -92,10 +92,10 @@ def local_view(t: Tensor) -> tuple[Tensor, object | None]:
     averaged) is its own view with no group. A DTensor from FSDP2's
     ``fully_shard`` on a 1-D mesh gives its local shard and the mesh's group,
     over which its squared norm must be summed."""
-    try:
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-    except ImportError:  # torch built without distributed
+    if type(t) in (Tensor, torch.nn.Parameter) or not _DTENSOR:
         return t, None
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
     if not isinstance(t, DTensor):
         return t, None
     placements = t.placements
@@ -105,6 +105,9 @@ def local_view(t: Tensor) -> tuple[Tensor, object | None]:
         raise NotImplementedError(f"cl_cm optimizers support DTensor parameters sharded on a 1-D mesh "
                                   f"(FSDP2's fully_shard), not placements {placements}")
     return t.to_local(), t.device_mesh.get_group()
+
+
+_DTENSOR = torch.distributed.is_available()
 
 
 def group_by_step(steps: list[Tensor]) -> dict[float, list[int]]:

@@ -55,14 +55,5 @@ class AdamCG(CriticalBufferOptimizer):
         super().__init__(params, defaults)
 
     def _update(self, group: dict, w: GroupTensors, foreach: bool, fused: bool):
-        n = len(w.priority)
-        weight = group["kappa"] / n if n else 0.0
-        beta1, beta2 = group["betas"]
-        adam_cg(w.params, w.grads, [st["exp_avg"] for st in w.states],
-                [st["exp_avg_sq"] for st in w.states],
-                [st["buffer_sum"] for st in w.states] if weight else [],
-                [st["step"] for st in w.states], buffer_weight=weight, lr=group["lr"],
-                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                foreach=foreach, fused=fused,
-                workspace=self._workspace.like(w.params) if weight else None)
+        adam_cg(**self._update_arguments(group, w, foreach, fused))
         return w.member_grads

@@ -127,16 +127,7 @@ class AdamCM(CriticalBufferOptimizer):
     def _update(self, group: dict, w: GroupTensors, foreach: bool, fused: bool):
         if group["reference_compat"] and all(float(st["step"]) == 0 for st in w.states):
             return self._reference_first_step(group, w)
-        n = len(w.priority)
-        weight = group["kappa"] / n if n else 0.0
-        beta1, beta2 = group["betas"]
-        adam_cm(w.params, w.grads, [st["exp_avg"] for st in w.states],
-                [st["exp_avg_sq"] for st in w.states],
-                [st["buffer_sum"] for st in w.states] if weight else [],
-                [st["step"] for st in w.states], buffer_weight=weight, lr=group["lr"],
-                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                second_moment=group["second_moment"], foreach=foreach, fused=fused,
-                workspace=self._workspace.like(w.params) if weight else None)
+        adam_cm(**self._update_arguments(group, w, foreach, fused), second_moment=group["second_moment"])
         return [st["exp_avg"] for st in w.members]
 
     @staticmethod

@@ -275,9 +275,9 @@ class CriticalBufferOptimizer(Optimizer):
             return [None] * len(work)
         device = present[0].grads[0].device
         sq = [_kernels.squared_norms(w.grads).to(device, torch.float64) for w in present]
-        sharded = [torch.tensor([g is not None for g in w.shard_groups], device=device) for w in present]
         shard_group = next((g for w in present for g in w.shard_groups if g is not None), None)
         if shard_group is not None:
+            sharded = [torch.tensor([g is not None for g in w.shard_groups], device=device) for w in present]
             flat = torch.cat([s[m] for s, m in zip(sq, sharded)])
             flat = _kernels.all_reduce_sum(flat, shard_group)
             offset = 0
@@ -339,6 +339,20 @@ class CriticalBufferOptimizer(Optimizer):
         priority = [q * decay for q in priority]
         for st in w.members:
             st["priority"] = priority
+
+    def _update_arguments(self, group: dict, w: GroupTensors, foreach: bool, fused: bool) -> dict:
+        """The arguments that the functional updates (:func:`~cl_cm.adam_cm`,
+        :func:`~cl_cm.adam_cg`) take, from the group's tensors: the buffer
+        enters through buffer_weight = κ/|B| and buffer_sums = ΣB."""
+        n = len(w.priority)
+        weight = group["kappa"] / n if n else 0.0
+        beta1, beta2 = group["betas"]
+        return dict(params=w.params, grads=w.grads, exp_avgs=[st["exp_avg"] for st in w.states],
+                    exp_avg_sqs=[st["exp_avg_sq"] for st in w.states],
+                    buffer_sums=[st["buffer_sum"] for st in w.states] if weight else [],
+                    state_steps=[st["step"] for st in w.states], buffer_weight=weight, lr=group["lr"],
+                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    foreach=foreach, fused=fused, workspace=self._workspace.like(w.params) if weight else None)
 
     def _update(self, group: dict, w: GroupTensors, foreach: bool, fused: bool) -> list[Tensor | None]:
         """Apply the update rule to ``w.params`` and return the entries to offer
