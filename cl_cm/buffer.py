@@ -81,11 +81,14 @@ def insert_entry(members: list[dict], entries: list[Tensor | None], slot: int,
     sums = [st["buffer_sum"] for st in members]
     if occupied:
         _sub_(sums, rows, foreach)
-    for row, entry in zip(rows, entries):
-        if entry is None:
-            row.zero_()
-        else:
-            row.copy_(entry)
+    if foreach and all(e is not None for e in entries):
+        torch._foreach_copy_(rows, entries)
+    else:
+        for row, entry in zip(rows, entries):
+            if entry is None:
+                row.zero_()
+            else:
+                row.copy_(entry)
     _add_(sums, rows, foreach)
 
 

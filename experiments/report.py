@@ -233,7 +233,7 @@ def _figures(slug: str, by_policy, policies, out: Path) -> list[str]:
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="notebook")
-    palette = dict(zip(policies, sns.color_palette("colorblind", len(policies))))
+    palette = dict(zip(policies, sns.color_palette("tab10", len(policies))))
     files = []
 
     def save(fig, name):
@@ -412,11 +412,12 @@ def _supervised_figures(slug, by_label, labels, lm: bool, out: Path) -> list[str
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="notebook")
-    palette = dict(zip(labels, sns.color_palette("colorblind", len(labels))))
+    palette = dict(zip(labels, sns.color_palette("tab10", len(labels))))
     files = []
 
-    def save(fig, name):
-        fig.tight_layout()
+    def save(fig, name, tight=True):
+        if tight:
+            fig.tight_layout()
         path = out / "figures" / f"{slug}-{name}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -452,7 +453,7 @@ def _supervised_figures(slug, by_label, labels, lm: bool, out: Path) -> list[str
         grid.set_titles("{col_name}")
         grid.figure.suptitle("Gradient cancellation: pairwise cosine of stored entries, and "
                              "‖mean(B)‖/‖m‖", y=1.04, fontsize=10)
-        save(grid.figure, "buffer")
+        save(grid.figure, "buffer", tight=False)
     return [f"![{name}]({path})" for name, path in files] + [""]
 
 
@@ -498,7 +499,7 @@ def _toy_sections(runs, out: Path) -> list[str]:
     if len({r["sharpness s"] for r in sweep_rows}) > 1:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         sns.lineplot(data=pd.DataFrame(sweep_rows), x="sharpness s", y="escape ratio (%)", hue="optimizer",
-                     errorbar="sd", marker="o", palette="colorblind", ax=ax)
+                     errorbar="sd", marker="o", palette="tab10", ax=ax)
         ax.set_xlabel("width s of the sharp minimum (smaller: sharper)")
         ax.set_title("sharp_wide: escape ratio against sharpness", fontsize=10)
         fig.tight_layout()
