@@ -21,7 +21,7 @@ def adam_cm(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
             exp_avg_sqs: list[Tensor], buffer_sums: list[Tensor], state_steps: list[Tensor], *,
             buffer_weight: float, lr: float, beta1: float, beta2: float, eps: float,
             weight_decay: float, second_moment: str = "aggregated", foreach: bool = False,
-            fused: bool = False, workspace: list[Tensor] | None = None) -> None:
+            fused: bool = False, compiled: bool = False, workspace: list[Tensor] | None = None) -> None:
     r"""Functional Adam+CM update, steps 1–4 of Alg. 1 in Malviya et al. (2024)::
 
         m_t = β1·m_{t−1} + (1−β1)·g_t
@@ -34,9 +34,18 @@ def adam_cm(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     and fused Adam kernels do the arithmetic. ``buffer_weight = 0`` (empty
     buffer, κ = 0) gives d_t = m_t; with ``"gradient"`` it is then AdamW.
     ``workspace``: tensors shaped like ``params`` to hold d_t (else allocated).
+    ``compiled``: the aggregated form through :func:`torch.compile`, which
+    fuses steps 1–4 of each tensor into one kernel (see :func:`_compiled_update`).
     """
     if not params:
         return
+    if compiled:
+        if second_moment != "aggregated":
+            raise ValueError("compiled=True supports second_moment='aggregated' only; use foreach or fused "
+                             "for second_moment='gradient'.")
+        return _compiled_update(params, grads, exp_avgs, exp_avg_sqs, buffer_sums if buffer_weight else None,
+                                state_steps, buffer_weight=buffer_weight, lr=lr, beta1=beta1, beta2=beta2,
+                                eps=eps, weight_decay=weight_decay)
     kernel = dict(beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, foreach=foreach, fused=fused)
     if second_moment == "gradient":
         _kernels.torch_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, beta1=beta1, **kernel)
@@ -49,6 +58,44 @@ def adam_cm(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                   if buffer_weight else exp_avgs)
     _kernels.torch_adam(params, aggregated, aggregated, exp_avg_sqs, state_steps, beta1=0.0,
                         momentum_correction=beta1, **kernel)
+
+
+def _compiled_update(params, grads, exp_avgs, exp_avg_sqs, buffer_sums, state_steps, *, buffer_weight,
+                     lr, beta1, beta2, eps, weight_decay) -> None:
+    """Steps 1–4 of :func:`adam_cm` (aggregated form) through torch.compile,
+    one call per step count. The scalars, computed here in double precision
+    as torch's Adam computes them, enter as one small tensor, so that new
+    values (bias corrections, κ/|B|, a scheduled lr) do not recompile; a new
+    set of parameter shapes does (the first step of each group compiles)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_aggregated_update_, dynamic=False)
+    for step, idx in _kernels.group_by_step(state_steps).items():
+        t = step + 1
+        sub = [_kernels.select(xs, idx) for xs in (params, grads, exp_avgs, exp_avg_sqs)]
+        sums = _kernels.select(buffer_sums, idx) if buffer_sums is not None else None
+        first = sub[0][0]
+        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        scalars = torch.tensor([1.0 - beta1, buffer_weight, beta2, 1.0 - beta2, 1.0 - lr * weight_decay,
+                                lr / (1.0 - beta1 ** t), (1.0 - beta2 ** t) ** 0.5, eps], dtype=dtype)
+        _COMPILED(*sub, sums, scalars.to(first.device, non_blocking=True))
+        torch._foreach_add_(_kernels.select(state_steps, idx), 1.0)
+
+
+_COMPILED = None
+
+
+def _aggregated_update_(params, grads, exp_avgs, exp_avg_sqs, buffer_sums, scalars) -> None:
+    """The formulas of :func:`adam_cm`'s docstring, per tensor, for torch.compile:
+    m ← m + (1−β1)(g − m); d = m + (κ/|B|)·ΣB; v ← β2·v + (1−β2)·d²;
+    θ ← θ·(1−η·wd) − η/(1−β1^t) · d / (√v/√(1−β2^t) + ε), as torch's Adam
+    kernels order them."""
+    one_minus_beta1, weight, beta2, one_minus_beta2, shrink, step_size, bias2_sqrt, eps = scalars.unbind()
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        m.lerp_(g, one_minus_beta1.to(m.dtype))
+        d = m if buffer_sums is None else m + weight * buffer_sums[i]
+        v.mul_(beta2).add_(one_minus_beta2 * d * d)
+        p.mul_(shrink).sub_(step_size * d / (v.sqrt() / bias2_sqrt + eps))
 
 
 def _buffer_term_(params, exp_avg_sqs, buffer_sums, steps, scale, beta1, beta2, eps, foreach):
@@ -96,6 +143,10 @@ class AdamCM(CriticalBufferOptimizer):
             seeds the buffer with the raw gradient g_1.
         foreach, fused: implementation, as in torch.optim.Adam. By default the
             fused kernel where torch has one (CPU, CUDA), else foreach.
+        compiled: steps 1–4 through :func:`torch.compile`, one fused kernel
+            per tensor (aggregated second moment only). The first step of each
+            parameter group compiles (seconds to a minute on a CPU, needs a C++
+            compiler there); then it is the fastest path on CPU (README, "Speed").
 
     The state of every parameter is plain tensors: ``step``, ``exp_avg``,
     ``exp_avg_sq``, ``buffer`` (C × shape), ``buffer_sum`` and the group's
@@ -108,11 +159,12 @@ class AdamCM(CriticalBufferOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, buffer_size: int = 5,
                  decay: float = 0.7, kappa: float = 1.0, second_moment: str = "aggregated",
                  buffer_dtype: torch.dtype | None = None, reference_compat: bool = False, *,
-                 foreach: bool | None = None, fused: bool | None = None) -> None:
+                 foreach: bool | None = None, fused: bool | None = None, compiled: bool = False) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         buffer_size=buffer_size, decay=decay, kappa=kappa,
                         second_moment=second_moment, buffer_dtype=buffer_dtype,
-                        reference_compat=bool(reference_compat), foreach=foreach, fused=fused)
+                        reference_compat=bool(reference_compat), foreach=foreach, fused=fused,
+                        compiled=bool(compiled))
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -120,6 +172,9 @@ class AdamCM(CriticalBufferOptimizer):
         if group["second_moment"] not in SECOND_MOMENTS:
             raise ValueError(f"Invalid second_moment: {group['second_moment']!r}. "
                              f"Use one of {SECOND_MOMENTS}.")
+        if group.get("compiled") and group["second_moment"] != "aggregated":
+            raise ValueError("Invalid second_moment with compiled=True: the compiled update supports "
+                             "second_moment='aggregated' only; drop compiled=True for 'gradient'.")
         if group["reference_compat"] and group["second_moment"] != "aggregated":
             raise ValueError("Invalid second_moment with reference_compat=True: the authors' "
                              "implementation uses second_moment='aggregated'.")
@@ -127,7 +182,8 @@ class AdamCM(CriticalBufferOptimizer):
     def _update(self, group: dict, w: GroupTensors, foreach: bool, fused: bool):
         if group["reference_compat"] and all(float(st["step"]) == 0 for st in w.states):
             return self._reference_first_step(group, w)
-        adam_cm(**self._update_arguments(group, w, foreach, fused), second_moment=group["second_moment"])
+        adam_cm(**self._update_arguments(group, w, foreach, fused), second_moment=group["second_moment"],
+                compiled=group.get("compiled", False))
         return [st["exp_avg"] for st in w.members]
 
     @staticmethod

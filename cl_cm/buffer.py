@@ -355,7 +355,8 @@ class CriticalBufferOptimizer(Optimizer):
                     buffer_sums=[st["buffer_sum"] for st in w.states] if weight else [],
                     state_steps=[st["step"] for st in w.states], buffer_weight=weight, lr=group["lr"],
                     beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                    foreach=foreach, fused=fused, workspace=self._workspace.like(w.params) if weight else None)
+                    foreach=foreach, fused=fused,
+                    workspace=self._workspace.like(w.params) if weight and not group.get("compiled") else None)
 
     def _update(self, group: dict, w: GroupTensors, foreach: bool, fused: bool) -> list[Tensor | None]:
         """Apply the update rule to ``w.params`` and return the entries to offer

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from cl_cm import SAM, AdamCG, AdamCM
+from cl_cm import AdamCG, AdamCM
 
 
 def resnet18_shapes(num_classes: int = 10) -> list[torch.Size]:
@@ -62,6 +62,7 @@ def candidates(buffer_size: int, device: str) -> dict[str, Callable]:
         "Adam(fused)": lambda ps: torch.optim.Adam(ps, fused=True),
         "Adam(for-loop)": lambda ps: torch.optim.Adam(ps, foreach=False),
         f"AdamCM C={c} (default: fused)": lambda ps: AdamCM(ps, buffer_size=c),
+        f"AdamCM C={c} compiled": lambda ps: AdamCM(ps, buffer_size=c, compiled=True),
         f"AdamCM C={c} foreach": lambda ps: AdamCM(ps, buffer_size=c, foreach=True),
         f"AdamCM C={c} for-loop": lambda ps: AdamCM(ps, buffer_size=c, foreach=False),
         f"AdamCM C={c} bf16 buffer": lambda ps: AdamCM(ps, buffer_size=c, buffer_dtype=torch.bfloat16),

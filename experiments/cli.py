@@ -5,13 +5,13 @@
     cl-cm run --config my_run.toml [--seed 1 ...]     # a config file stands in for the flags
     cl-cm sweep experiments/configs/readme_comparison.toml [--out runs/readme] [--jobs 2]
     cl-cm report runs/readme
+    torchrun --nproc_per_node 2 -m experiments.cli run|sweep|supervised ...   # data split across ranks
 
 ``cl-cm run --help`` lists every setting with its default.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -79,15 +79,17 @@ def main(argv=None) -> int:
     from .data import DataNotFoundError
     from .io import RunLocked
 
-    try:
-        if args.command == "run":
-            from .runner import run
+    from .launch import process_group_from_env
 
-            run(C.from_args(args))
-        elif args.command == "sweep":
-            return _sweep(args)
-        elif args.command == "supervised":
-            return _supervised(args)
+    try:
+        if args.command in ("run", "sweep", "supervised"):
+            with process_group_from_env():  # under torchrun: data split across ranks, rank 0 writes
+                if args.command == "run":
+                    from .runner import run
+
+                    run(C.from_args(args))
+                    return 0
+                return _sweep(args) if args.command == "sweep" else _supervised(args)
         elif args.command == "toy":
             return _toy(args)
         elif args.command == "report":
@@ -114,7 +116,15 @@ def _sweep(args) -> int:
         for cell in expand(spec, out, overrides):
             print(cell.out)
         return 0
-    statuses = run_sweep(spec, out, jobs, overrides)
+    from .launch import rank_and_world
+
+    rank, world = rank_and_world()
+    if world > 1 and jobs > 1:
+        raise C.ConfigError(f"under torchrun a sweep runs its cells one after another on all {world} ranks; "
+                            "set --jobs 1 (or jobs = 1 in [sweep])")
+    statuses = run_sweep(spec, out, jobs, overrides, progress=rank == 0)
+    if rank != 0:
+        return 0
     failed = {k: v for k, v in statuses.items() if v.startswith("failed")}
     print(f"sweep: {len(statuses)} runs in {out}: " + ", ".join(
         f"{sum(v == s for v in statuses.values())} {s}" for s in sorted(set(statuses.values()))))
@@ -133,16 +143,11 @@ def _supervised(args) -> int:
     base = C.from_args(args, S.SupervisedConfig)
     out = args.out if "out" in vars(args) else f"runs/supervised-{base.task}"
     cells = S.grid(base, args.optimizers or [base.optimizer], args.seeds or [base.seed], out)
-    joined = S.init_distributed_from_env()  # under torchrun: DDP, data split across ranks, rank 0 writes
-    try:
-        for cell in cells:
-            S.run(cell)
-    finally:
-        if joined:
-            import torch.distributed as dist
+    from .launch import rank_and_world
 
-            dist.destroy_process_group()
-    if args.report and os.environ.get("RANK", "0") == "0":
+    for cell in cells:
+        S.run(cell)
+    if args.report and rank_and_world()[0] == 0:
         from .report import render
 
         print(f"report: {render(out)}")

@@ -47,21 +47,23 @@ def managed_run(out: str | Path, settings: dict[str, Any], runtime_keys, protoco
 
     Under torch.distributed (torchrun) every rank trains, and only rank 0
     touches the folder: it holds the lock and writes config, checkpoints and
-    metrics."""
+    metrics; it sends the other ranks the metrics of a finished run, so that
+    they need not share its file system."""
     import torch.distributed as dist
 
     from .config import ConfigError
+    from .launch import rank_and_world
 
     out = Path(out)
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        finished = [(out / "metrics.json").exists()]
-        dist.broadcast_object_list(finished)
-        if finished[0]:
-            return read_json(out / "metrics.json"), False
+    rank, world = rank_and_world()
+    if rank != 0:
+        finished = [None]
+        dist.broadcast_object_list(finished)  # rank 0's metrics when the run is finished
+        if finished[0] is not None:
+            return finished[0], False
         metrics = train(out)
         dist.barrier()  # rank 0 has written metrics.json
         return metrics, True
-    distributed = dist.is_available() and dist.is_initialized()
     with run_lock(out):
         saved = out / "config.json"
         if saved.exists():
@@ -70,17 +72,17 @@ def managed_run(out: str | Path, settings: dict[str, Any], runtime_keys, protoco
             if changed:
                 raise ConfigError(f"{out} holds a run with other settings ({', '.join(changed)} differ); "
                                   "choose another --out or delete that folder")
-        finished = [(out / "metrics.json").exists()]
-        if distributed:
+        finished = [read_json(out / "metrics.json") if (out / "metrics.json").exists() else None]
+        if world > 1:
             dist.broadcast_object_list(finished)
-        if finished[0]:
-            return read_json(out / "metrics.json"), False
+        if finished[0] is not None:
+            return finished[0], False
         if not saved.exists():
             write_json(saved, {"config": settings, "environment": environment(), "protocol": protocol})
         metrics = train(out)
         write_json(out / "metrics.json", metrics)
         for leftover in out.glob("checkpoint.*"):
             leftover.unlink()
-        if distributed:
+        if world > 1:
             dist.barrier()
     return metrics, True

@@ -15,6 +15,8 @@ A run folder holds:
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import re
 import sys
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import config as C
 from . import metrics as M
+from .launch import default_device, rank_and_world
 from .results import managed_run
 
 # Avalanche's checkpoints pickle the strategy with dill, which finds a class
@@ -107,12 +110,6 @@ class ProgressBars(SupervisedPlugin):
         return {**self.__dict__, "bar": None}
 
 
-def _device(cfg: C.RunConfig) -> torch.device:
-    if cfg.device:
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def run(cfg: C.RunConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume, or just read) the run described by ``cfg`` in
     ``cfg.out``; return its metrics. Safe to call again after a crash."""
@@ -120,7 +117,7 @@ def run(cfg: C.RunConfig, *, quiet: bool = False) -> dict[str, Any]:
     metrics, _ = managed_run(cfg.out, cfg.to_dict(), C.RUNTIME_FIELDS,
                              C.protocol(cfg.benchmark, cfg.preset)["_description"],
                              lambda out: _train(cfg, out, quiet))
-    if not quiet:
+    if not quiet and rank_and_world()[0] == 0:
         print(render_summary(metrics, cfg))
     return metrics
 
@@ -131,14 +128,17 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
     from avalanche.training.determinism.rng_manager import RNGManager
     from avalanche.training.plugins import EvaluationPlugin
 
-    from strategies import BufferStatsMetric, CriticalMomentaPlugin, make_optimizer, make_strategy
+    from strategies import (BufferStatsMetric, CriticalMomentaPlugin, DataParallelPlugin,
+                            avalanche_as_single_process, make_optimizer, make_strategy)
 
     from .data import build_benchmark, build_model
     from .io import atomic_write
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg)
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    rank, world = rank_and_world()
+    quiet = quiet or rank != 0
     RNGManager.set_random_seeds(cfg.seed)
     bench = build_benchmark(cfg)
     model = build_model(cfg, bench)
@@ -147,34 +147,76 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
     if cfg.optimizer in C.BUFFERED_OPTIMIZERS:
         plugins.insert(0, CriticalMomentaPlugin(cfg.boundary, cfg.factor, cfg.min_size, cfg.kappa_schedule,
                                                 cfg.kappa_start, cfg.kappa_end, cfg.reset_moments))
+    if world > 1:  # torchrun: every global batch split across the ranks, gradients summed
+        plugins.insert(0, DataParallelPlugin())
     metrics = [accuracy_metrics(experience=True), BufferStatsMetric(every="epoch")]
     if bench.task_il_by_masking:
         metrics.append(TaskILAccuracy())
     with warnings.catch_warnings():  # "No loggers specified": the runner reads the metrics itself
         warnings.simplefilter("ignore", UserWarning)
         evaluator = EvaluationPlugin(*metrics, loggers=[])
-    strategy = make_strategy(cfg.strategy, model, optimizer, train_mb_size=cfg.batch_size,
-                             train_epochs=cfg.epochs, eval_mb_size=cfg.eval_batch_size, device=device,
-                             plugins=plugins, evaluator=evaluator, **C.strategy_kwargs(cfg))
-    checkpoint = out / "checkpoint.pkl"
-    strategy, start = maybe_load_checkpoint(strategy, checkpoint, map_location=device)
-    progress = getattr(strategy, "cl_cm_progress", None) or {"accuracy": [], "accuracy_task_il": [],
-                                                               "train_seconds": [], "sharpness": []}
-    scenario = bench.scenario
-    for k in range(start, cfg.n_experiences):
-        t0 = time.perf_counter()
-        strategy.train(scenario.train_stream[k], eval_streams=[],
-                       reset_optimizer_state=cfg.reset_optimizer_state)
-        progress["train_seconds"].append(time.perf_counter() - t0)
-        results = strategy.eval(scenario.test_stream)
-        progress["accuracy"].append(_row(results, ACC_KEY, cfg.n_experiences))
-        if bench.task_il_by_masking:
-            progress["accuracy_task_il"].append(_row(results, TASK_IL_KEY, cfg.n_experiences))
-        if cfg.sharpness:
-            progress["sharpness"].append(_sharpness_row(cfg, strategy, scenario, k))
-        strategy.cl_cm_progress = progress
-        atomic_write(checkpoint, lambda f: save_checkpoint(strategy, f), mode="wb")
+    with avalanche_as_single_process():
+        strategy = make_strategy(cfg.strategy, model, optimizer, train_mb_size=cfg.batch_size,
+                                 train_epochs=cfg.epochs, eval_mb_size=cfg.eval_batch_size, device=device,
+                                 plugins=plugins, evaluator=evaluator, **C.strategy_kwargs(cfg))
+        checkpoint = out / "checkpoint.pkl"
+        strategy, start = maybe_load_checkpoint(strategy, checkpoint, map_location=device)
+        _restore_iterators(strategy)
+        progress = getattr(strategy, "cl_cm_progress", None) or {"accuracy": [], "accuracy_task_il": [],
+                                                                   "train_seconds": [], "sharpness": []}
+        scenario = bench.scenario
+        for k in range(start, cfg.n_experiences):
+            t0 = time.perf_counter()
+            strategy.train(scenario.train_stream[k], eval_streams=[],
+                           reset_optimizer_state=cfg.reset_optimizer_state)
+            progress["train_seconds"].append(time.perf_counter() - t0)
+            results = strategy.eval(scenario.test_stream)
+            progress["accuracy"].append(_row(results, ACC_KEY, cfg.n_experiences))
+            if bench.task_il_by_masking:
+                progress["accuracy_task_il"].append(_row(results, TASK_IL_KEY, cfg.n_experiences))
+            if cfg.sharpness:
+                progress["sharpness"].append(_sharpness_row(cfg, strategy, scenario, k))
+            strategy.cl_cm_progress = progress
+            if rank == 0:
+                with _iterators_set_aside(strategy):
+                    atomic_write(checkpoint, lambda f: save_checkpoint(strategy, f), mode="wb")
     return _collect(cfg, bench, progress, strategy.evaluator)  # the evaluator of a resumed run is the loaded one
+
+
+# Plugins that keep an iterator over a loader of theirs: (iterator, loader).
+# A-GEM draws its memory batches from ``buffer_dliter = iter(buffer_dataloader)``,
+# a generator, which pickle cannot copy.
+_PLUGIN_ITERATORS = (("buffer_dliter", "buffer_dataloader"),)
+
+
+@contextlib.contextmanager
+def _iterators_set_aside(strategy):
+    """Checkpoint without the plugins' iterators. They are recreated on
+    loading (:func:`_restore_iterators`), which is exact only for an iterator
+    not started yet, as A-GEM's is after an experience (it makes a new one in
+    ``after_training_exp``); a started one is refused rather than restarted."""
+    aside = []
+    for plugin in strategy.plugins:
+        for name, _ in _PLUGIN_ITERATORS:
+            value = getattr(plugin, name, None)
+            if inspect.isgenerator(value):
+                if inspect.getgeneratorstate(value) != inspect.GEN_CREATED:
+                    raise RuntimeError(f"{type(plugin).__name__}.{name} has been started; a checkpoint cannot "
+                                       "restore its position")
+                aside.append((plugin, name, value))
+                setattr(plugin, name, None)
+    try:
+        yield
+    finally:
+        for plugin, name, value in aside:
+            setattr(plugin, name, value)
+
+
+def _restore_iterators(strategy) -> None:
+    for plugin in strategy.plugins:
+        for name, loader in _PLUGIN_ITERATORS:
+            if hasattr(plugin, name) and getattr(plugin, name) is None and getattr(plugin, loader, None) is not None:
+                setattr(plugin, name, iter(getattr(plugin, loader)))
 
 
 def _row(results: dict, pattern: re.Pattern, n: int) -> list[float]:

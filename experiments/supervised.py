@@ -31,6 +31,7 @@ from strategies import OPTIMIZERS, make_optimizer
 
 from . import config as C
 from .config import OptimizerSettings, RuntimeSettings, _f
+from .launch import rank_and_world
 from .results import managed_run
 
 TASKS = ("cifar10", "cifar100", "ptb")
@@ -95,7 +96,7 @@ def run(cfg: SupervisedConfig, *, quiet: bool = False) -> dict[str, Any]:
     metrics, _ = managed_run(cfg.out, cfg.to_dict(), C.RUNTIME_FIELDS + ("stats_every",),
                              C.protocol(cfg.task, cfg.preset, LM_PROTOCOL if cfg.task == "ptb" else IMAGE_PROTOCOL)
                              ["_description"], lambda out: train(cfg, out, quiet))
-    if not quiet and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+    if not quiet and rank_and_world()[0] == 0:
         print(summary(metrics))
     return metrics
 
@@ -115,18 +116,14 @@ class _Training:
     """What the two loops share: device, optimizer, schedule, checkpoint, stats."""
 
     def __init__(self, cfg: SupervisedConfig, out: Path, model: nn.Module, iters_per_epoch: int, quiet: bool):
-        import torch.distributed as dist
+        from .launch import default_device
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
-        distributed = dist.is_available() and dist.is_initialized()
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        self.rank, self.world = rank_and_world()
         self.quiet = quiet or self.rank != 0
-        default = "cuda" if torch.cuda.is_available() else "cpu"
-        if distributed and default == "cuda":
-            default = f"cuda:{torch.cuda.current_device()}"
-        self.device = torch.device(cfg.device or default)
+        self.device = torch.device(cfg.device) if cfg.device else default_device()
         self.model = model.to(self.device)
         # under torchrun the training forward goes through DDP; evaluation uses the plain module
         self.net = (nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model)
@@ -318,21 +315,6 @@ def _train_language_model(cfg: SupervisedConfig, out: Path, quiet: bool) -> dict
                             "valid_ppl": perplexity(t.model, valid, cfg.bptt)})
     return t.metrics(valid_ppl=t.state["history"][-1]["valid_ppl"], test_ppl=perplexity(t.model, test, cfg.bptt),
                      vocabulary=len(corpus), train_tokens=len(tokens))
-
-
-def init_distributed_from_env() -> bool:
-    """Join the process group that torchrun describes in the environment
-    (gloo on CPU, nccl on GPU); False when not launched by torchrun."""
-    import os
-
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
 
 
 def grid(base: SupervisedConfig, optimizers, seeds, out: str | Path) -> list[SupervisedConfig]:

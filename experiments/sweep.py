@@ -35,6 +35,7 @@ from typing import Any
 
 from . import config as C
 from .io import RunLocked
+from .launch import rank_and_world
 
 
 def parse_policy(text: str) -> dict[str, Any]:
@@ -104,7 +105,9 @@ def _run_cell(cfg_dict: dict[str, Any], threads: int | None) -> tuple[str, str]:
         run(dataclasses.replace(cfg, progress=False), quiet=True)
     except RunLocked:
         return cfg.out, "running elsewhere"
-    except Exception:  # noqa: BLE001 - one broken cell must not stop the sweep
+    except Exception:  # noqa: BLE001 - one broken cell must not stop the sweep ...
+        if rank_and_world()[1] > 1:
+            raise  # ... except under torchrun, where the ranks would wait for each other forever
         (Path(cfg.out) / "error.txt").write_text(traceback.format_exc())
         return cfg.out, "failed (see error.txt)"
     return cfg.out, "done before" if already else "done"

@@ -3,7 +3,6 @@ optimizer tests (test/optim/test_optim.py): each test runs for each entry of
 OPTIMIZERS, and buffer-specific checks run where there is a buffer."""
 from __future__ import annotations
 
-import io
 import math
 import warnings
 from collections import defaultdict

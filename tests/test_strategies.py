@@ -3,7 +3,6 @@ on Avalanche's own benchmark classes over tiny data written to disk."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
