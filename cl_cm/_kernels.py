@@ -85,6 +85,20 @@ def all_reduce_sum(values: Tensor, group) -> Tensor:
     return values
 
 
+def reduce_shards(values: Tensor, groups: Sequence) -> Tensor:
+    """Sum, over the ranks, the entries of ``values`` (one per tensor) whose
+    tensor is sharded (its entry of ``groups`` is a process group, see
+    :func:`local_view`); unsharded entries stay as they are. One all-reduce for
+    all of them: FSDP2 shards every tensor over the same mesh."""
+    group = next((g for g in groups if g is not None), None)
+    if group is None:
+        return values
+    mask = torch.tensor([g is not None for g in groups], device=values.device)
+    values = values.clone()
+    values[mask] = all_reduce_sum(values[mask].contiguous(), group)
+    return values
+
+
 def local_view(t: Tensor) -> tuple[Tensor, object | None]:
     """(the tensor this rank holds, the process group it is sharded over).
 

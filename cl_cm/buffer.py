@@ -278,16 +278,8 @@ class CriticalBufferOptimizer(Optimizer):
             return [None] * len(work)
         device = present[0].grads[0].device
         sq = [_kernels.squared_norms(w.grads).to(device, torch.float64) for w in present]
-        shard_group = next((g for w in present for g in w.shard_groups if g is not None), None)
-        if shard_group is not None:
-            sharded = [torch.tensor([g is not None for g in w.shard_groups], device=device) for w in present]
-            flat = torch.cat([s[m] for s, m in zip(sq, sharded)])
-            flat = _kernels.all_reduce_sum(flat, shard_group)
-            offset = 0
-            for s, m in zip(sq, sharded):
-                n = int(m.sum())
-                s[m] = flat[offset:offset + n]
-                offset += n
+        flat = _kernels.reduce_shards(torch.cat(sq), [g for w in present for g in w.shard_groups])
+        sq = flat.split([len(w.grads) for w in present])
         values = [s.sqrt().sum() if g.get("reference_compat") else s.sum().sqrt()
                   for s, g in zip(sq, (g for w, g in zip(work, groups) if w.params))]
         values = iter(torch.stack(values).tolist())
@@ -469,31 +461,27 @@ class CriticalBufferOptimizer(Optimizer):
         """
         size = capacity = 0
         priorities: list[float] = []
-        mean_sq: list[Tensor] = []
-        momentum_sq: list[Tensor] = []
+        momentum_sq = mean_sq = 0.0
         cos_sum, pairs = 0.0, 0
-        for group in self.param_groups:
+        for group, sums in zip(self.param_groups, self._stat_sums()):
             capacity += group["buffer_size"]
-            states = self._group_states(group)
-            if not states:
+            if sums is None:
                 continue
-            priority = states[0]["priority"]
+            priority, (m_sq, b_sq, gram) = sums
             n = len(priority)
             size += n
             priorities += priority
-            momentum_sq += [st["exp_avg"].double().pow(2).sum() for st in states]
+            momentum_sq += m_sq
             if not n:
                 continue
-            mean_sq += [st["buffer_sum"].double().pow(2).sum() / n**2 for st in states]
+            mean_sq += b_sq / n**2
             if n >= 2:
-                gram = sum(_gram(st["buffer"][:n]) for st in states)
                 diag = gram.diagonal().clamp_min(torch.finfo(torch.float64).tiny).sqrt()
                 cos = gram / diag[:, None] / diag[None, :]
                 iu = torch.triu_indices(n, n, offset=1)
                 cos_sum += float(cos[iu[0], iu[1]].sum())
                 pairs += n * (n - 1) // 2
-        m_norm = math.sqrt(float(sum(t.item() for t in momentum_sq))) if momentum_sq else 0.0
-        b_norm = math.sqrt(float(sum(t.item() for t in mean_sq))) if mean_sq else 0.0
+        m_norm, b_norm = math.sqrt(momentum_sq), math.sqrt(mean_sq)
         full, replaced = self._counts["full"], self._counts["replaced"]
         if reset:
             self._counts = {"full": 0, "replaced": 0}
@@ -506,6 +494,50 @@ class CriticalBufferOptimizer(Optimizer):
             "cosine_similarity": cos_sum / pairs if pairs else math.nan,
             "skipped_steps": self.skipped_steps,
         }
+
+    def _stat_sums(self) -> list[tuple[list[float], tuple[float, float, Tensor]] | None]:
+        """Per group: its priorities and (Σ‖m‖², ‖ΣB‖², Gram matrix of the
+        stored entries), sums over the group's parameters in float64 (None for
+        a group without state). Under FSDP2 each rank holds shards: the sharded
+        parameters' parts are summed over the ranks with one all-reduce, so
+        that every rank reports the statistics of the whole model (every rank
+        must then call :meth:`buffer_stats`, as it calls ``step``)."""
+        out: list = []
+        shard_group = None
+        for group in self.param_groups:
+            members = [(p, st) for p in group["params"] if (st := self.state.get(p)) and "step" in st]
+            if not members:
+                out.append(None)
+                continue
+            priority = members[0][1]["priority"]
+            n = len(priority)
+            device = members[0][1]["exp_avg"].device
+            parts = {False: torch.zeros(2 + n * n, dtype=torch.float64, device=device),
+                     True: torch.zeros(2 + n * n, dtype=torch.float64, device=device)}
+            for p, st in members:
+                shards = _kernels.local_view(p)[1]
+                shard_group = shards or shard_group
+                part = parts[shards is not None]
+                part[0] += st["exp_avg"].double().pow(2).sum()
+                if n:
+                    part[1] += st["buffer_sum"].double().pow(2).sum()
+                    part[2:] += _gram(st["buffer"][:n]).reshape(-1)
+            out.append((priority, parts))
+        if shard_group is not None:
+            present = [sums[1][True] for sums in out if sums is not None]
+            flat = _kernels.all_reduce_sum(torch.cat(present), shard_group)
+            for t, total in zip(present, flat.split([t.numel() for t in present])):
+                t.copy_(total)
+        result = []
+        for sums in out:
+            if sums is None:
+                result.append(None)
+                continue
+            priority, parts = sums
+            n = len(priority)
+            total = (parts[False] + parts[True]).cpu()
+            result.append((priority, (float(total[0]), float(total[1]), total[2:].reshape(n, n))))
+        return result
 
     def buffer_nbytes(self) -> int:
         """Bytes held by the stored entries (the ``buffer`` tensors)."""

@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
+from . import _kernels
 from .adam_cm import AdamCM
 from .buffer import _is_real
 
@@ -127,8 +128,7 @@ class SAM(Optimizer):
             self._skip("first_step() came again before second_step(); the pending perturbation was undone")
         pairs = self._with_grad()
         scaled = [(torch.abs(p) * p.grad) if group["adaptive"] else p.grad for group, p in pairs]
-        norm = float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(t, dtype=torch.float64) for t in scaled]))) if scaled else 0.0
+        norm = math.sqrt(float(_squared_norms(scaled).sum())) if scaled else 0.0
         self._backup = [(p, p.detach().clone()) for _, p in pairs]
         self._first_finite = math.isfinite(norm)
         if self._first_finite:
@@ -148,8 +148,7 @@ class SAM(Optimizer):
         self._restore()
         grads = [p.grad for _, p in self._with_grad()]
         finite = self._first_finite and all(
-            math.isfinite(x) for x in torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64)
-                                                   for g in grads]).tolist()) if grads else True
+            math.isfinite(x) for x in _squared_norms(grads).tolist()) if grads else True
         if finite:
             self.base_optimizer.step()
         else:
@@ -206,3 +205,11 @@ class SAM(Optimizer):
 def _check_rho(rho) -> None:
     if not _is_real(rho) or not (math.isfinite(rho) and rho >= 0.0):
         raise ValueError(f"Invalid rho: {rho!r}. rho must be a finite float >= 0.")
+
+
+def _squared_norms(tensors: list) -> torch.Tensor:
+    """‖t‖² of every tensor in float64; a DTensor's (FSDP2) is summed over its
+    shards, with one all-reduce for all of them."""
+    local = [_kernels.local_view(t) for t in tensors]
+    sq = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t, _ in local]).square()
+    return _kernels.reduce_shards(sq, [g for _, g in local])

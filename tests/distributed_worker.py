@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 import cl_cm._kernels
-from cl_cm import AdamCG, AdamCM
+from cl_cm import SAM, AdamCG, AdamCM
 
 STEPS, GLOBAL_BATCH = 30, 16
 OPTIONS = dict(lr=1e-2, buffer_size=3, decay=0.95, weight_decay=0.01)
@@ -39,6 +39,29 @@ def train(net, opt, steps, start=0, shard=None):
         opt.zero_grad()
         nn.functional.mse_loss(net(x), y).backward()
         opt.step()
+
+
+def train_sam(net, opt, steps, shard=None):
+    for t in range(steps):
+        x, y = batch(t)
+        if shard is not None:
+            rank, world = shard
+            x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(net(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+
+STAT_KEYS = ("size", "mean_priority", "exploration", "cosine_similarity", "replacement_rate")
+
+
+def stats_gap(a: dict, b: dict) -> float:
+    """Largest relative difference between two buffer_stats() results."""
+    return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in STAT_KEYS)
 
 
 def full_params(net):
@@ -83,6 +106,22 @@ def main(out_path: str) -> None:
         results[f"fsdp_{name}_priorities_agree"] = all(g == gathered[0] for g in gathered)
         results[f"fsdp_{name}_priorities_match_reference"] = max(
             abs(a - b) for a, b in zip(gathered[0], priorities(ref_opt))) < 1e-9
+        # buffer statistics of the whole model on every rank (the shards' sums all-reduced) ...
+        expected_stats = ref_opt.buffer_stats(reset=False)
+        results[f"fsdp_{name}_stats"] = stats_gap(opt.buffer_stats(reset=False), expected_stats)
+        real = cl_cm._kernels.all_reduce_sum
+        cl_cm._kernels.all_reduce_sum = lambda values, group: values
+        try:  # ... and not those of one rank's shard
+            results[f"fsdp_{name}_stats_local"] = stats_gap(opt.buffer_stats(reset=False), expected_stats)
+        finally:
+            cl_cm._kernels.all_reduce_sum = real
+
+    # Adam+CM+SAM under FSDP2: the perturbation's norm is the global one
+    ref = model()
+    train_sam(ref, SAM(ref.parameters(), AdamCM, rho=0.05, **OPTIONS), STEPS)
+    sharded = fsdp(model())
+    train_sam(sharded, SAM(sharded.parameters(), AdamCM, rho=0.05, **OPTIONS), STEPS, shard=(rank, world))
+    results["fsdp_sam_AdamCM"] = float((full_params(sharded) - full_params(ref)).abs().max())
 
     # the deliberately wrong priority: every rank uses the norm of its own shard
     real = cl_cm._kernels.all_reduce_sum

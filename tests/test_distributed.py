@@ -53,6 +53,19 @@ def test_fsdp2_matches_a_single_process_with_the_same_buffer_decisions(results, 
     assert results[f"fsdp_{name}_priorities_match_reference"]
 
 
+@pytest.mark.parametrize("name", ["AdamCM", "AdamCG"])
+def test_fsdp2_buffer_stats_describe_the_whole_model(results, name):
+    """size, mean priority, exploration, cosine similarity and replacement
+    rate equal the single-process optimizer's; without the all-reduce of the
+    shards' sums they would be those of one shard."""
+    assert results[f"fsdp_{name}_stats"] < 1e-9
+    assert results[f"fsdp_{name}_stats_local"] > 1e-3
+
+
+def test_adam_cm_sam_under_fsdp2_matches_a_single_process(results):
+    assert results["fsdp_sam_AdamCM"] < 1e-9
+
+
 def test_local_norm_priorities_diverge(results):
     """Without the all-reduce each rank ranks entries by its own shard's norm:
     the ranks disagree and the run stops being Adam+CM."""
