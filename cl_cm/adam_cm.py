@@ -61,41 +61,54 @@ def adam_cm(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
 
 
 def _compiled_update(params, grads, exp_avgs, exp_avg_sqs, buffer_sums, state_steps, *, buffer_weight,
-                     lr, beta1, beta2, eps, weight_decay) -> None:
+                     lr, beta1, beta2, eps, weight_decay, rows=None, write=False, occupied=False) -> None:
     """Steps 1–4 of :func:`adam_cm` (aggregated form) through torch.compile,
-    one call per step count. The scalars, computed here in double precision
-    as torch's Adam computes them, enter as one small tensor, so that new
-    values (bias corrections, κ/|B|, a scheduled lr) do not recompile; a new
-    set of parameter shapes does (the first step of each group compiles)."""
+    one call per step count; with ``rows`` (the buffer rows of this step's
+    slot) also step 6, the buffer write, in the same pass: the row becomes
+    m_t if ``write`` and ΣB follows (minus the old row if ``occupied``).
+    The scalars, computed here in double precision as torch's Adam computes
+    them, enter as one small tensor, so that new values (bias corrections,
+    κ/|B|, a scheduled lr, which slot is written) do not recompile; a new set
+    of parameter shapes does (the first step of each group compiles)."""
     global _COMPILED
     if _COMPILED is None:
         _COMPILED = torch.compile(_aggregated_update_, dynamic=False)
     for step, idx in _kernels.group_by_step(state_steps).items():
         t = step + 1
         sub = [_kernels.select(xs, idx) for xs in (params, grads, exp_avgs, exp_avg_sqs)]
-        sums = _kernels.select(buffer_sums, idx) if buffer_sums is not None else None
+        sums = _kernels.select(buffer_sums, idx) if buffer_sums else None
         first = sub[0][0]
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         scalars = torch.tensor([1.0 - beta1, buffer_weight, beta2, 1.0 - beta2, 1.0 - lr * weight_decay,
-                                lr / (1.0 - beta1 ** t), (1.0 - beta2 ** t) ** 0.5, eps], dtype=dtype)
-        _COMPILED(*sub, sums, scalars.to(first.device, non_blocking=True))
+                                lr / (1.0 - beta1 ** t), (1.0 - beta2 ** t) ** 0.5, eps,
+                                float(write), float(occupied)], dtype=dtype)
+        _COMPILED(*sub, sums, _kernels.select(rows, idx) if rows is not None else None,
+                  scalars.to(first.device, non_blocking=True))
         torch._foreach_add_(_kernels.select(state_steps, idx), 1.0)
 
 
 _COMPILED = None
 
 
-def _aggregated_update_(params, grads, exp_avgs, exp_avg_sqs, buffer_sums, scalars) -> None:
+def _aggregated_update_(params, grads, exp_avgs, exp_avg_sqs, buffer_sums, rows, scalars) -> None:
     """The formulas of :func:`adam_cm`'s docstring, per tensor, for torch.compile:
     m ← m + (1−β1)(g − m); d = m + (κ/|B|)·ΣB; v ← β2·v + (1−β2)·d²;
     θ ← θ·(1−η·wd) − η/(1−β1^t) · d / (√v/√(1−β2^t) + ε), as torch's Adam
-    kernels order them."""
-    one_minus_beta1, weight, beta2, one_minus_beta2, shrink, step_size, bias2_sqrt, eps = scalars.unbind()
+    kernels order them; then, with ``rows``, the buffer write of
+    :func:`cl_cm.buffer.insert_entry`: row ← m (if written), ΣB ← ΣB − old row
+    (if occupied) + new row, with the row rounded to the buffer's dtype."""
+    (one_minus_beta1, weight, beta2, one_minus_beta2, shrink, step_size, bias2_sqrt, eps,
+     write, occupied) = scalars.unbind()
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         m.lerp_(g, one_minus_beta1.to(m.dtype))
         d = m if buffer_sums is None else m + weight * buffer_sums[i]
         v.mul_(beta2).add_(one_minus_beta2 * d * d)
         p.mul_(shrink).sub_(step_size * d / (v.sqrt() / bias2_sqrt + eps))
+        if rows is not None:
+            row, total = rows[i], buffer_sums[i]
+            new = torch.where(write > 0, m.to(row.dtype), row)
+            total.add_(write * (new.to(total.dtype) - occupied * row.to(total.dtype)))
+            row.copy_(new)
 
 
 def _buffer_term_(params, exp_avg_sqs, buffer_sums, steps, scale, beta1, beta2, eps, foreach):
@@ -182,8 +195,18 @@ class AdamCM(CriticalBufferOptimizer):
     def _update(self, group: dict, w: GroupTensors, foreach: bool, fused: bool):
         if group["reference_compat"] and all(float(st["step"]) == 0 for st in w.states):
             return self._reference_first_step(group, w)
-        adam_cm(**self._update_arguments(group, w, foreach, fused), second_moment=group["second_moment"],
-                compiled=group.get("compiled", False))
+        args = self._update_arguments(group, w, foreach, fused)
+        if group.get("compiled") and group["buffer_size"]:
+            # the compiled kernel also writes this step's entry (steps 6 of Alg. 1) in the same pass
+            rows = [st["buffer"][w.slot if w.slot is not None else 0] for st in w.states]
+            _compiled_update(args["params"], args["grads"], args["exp_avgs"], args["exp_avg_sqs"],
+                             [st["buffer_sum"] for st in w.states], args["state_steps"],
+                             buffer_weight=args["buffer_weight"], lr=args["lr"], beta1=args["beta1"],
+                             beta2=args["beta2"], eps=args["eps"], weight_decay=args["weight_decay"],
+                             rows=rows, write=w.slot is not None, occupied=w.occupied)
+            w.inserted = True
+        else:
+            adam_cm(**args, second_moment=group["second_moment"], compiled=group.get("compiled", False))
         return [st["exp_avg"] for st in w.members]
 
     @staticmethod

@@ -50,6 +50,9 @@ class GroupTensors:
     members: list[dict] = field(default_factory=list)    # every state holding buffer rows
     member_grads: list[Tensor | None] = field(default_factory=list)
     priority: list[float] = field(default_factory=list)  # the group's priorities
+    slot: int | None = None      # where this step's entry goes (None: dropped), decided before the update
+    occupied: bool = False       # whether that slot holds an entry to replace
+    inserted: bool = False       # set by an update that wrote the entries of ``states`` itself
 
 
 def choose_slot(priority: list[float], new_priority: float, capacity: int) -> tuple[int | None, bool]:
@@ -314,18 +317,24 @@ class CriticalBufferOptimizer(Optimizer):
         return loss
 
     def _step_group(self, group: dict, w: GroupTensors, p_t: float) -> None:
+        capacity = group["buffer_size"]
+        priority = list(w.priority)
+        slot, occupied = w.slot, w.occupied = choose_slot(priority, p_t, capacity)
         foreach, fused = self._implementation(group, w.params)
         entries = self._update(group, w, foreach, fused)
-        capacity = group["buffer_size"]
         if not capacity:
             return
-        priority = list(w.priority)
-        slot, occupied = choose_slot(priority, p_t, capacity)
         if len(priority) >= capacity:
             self._counts["full"] += 1
             self._counts["replaced"] += slot is not None
         if slot is not None:
-            insert_entry(w.members, entries, slot, occupied, foreach or fused)
+            members, entries = w.members, entries
+            if w.inserted:  # the update wrote the rows of the parameters it stepped; the others remain
+                stepped = {id(st) for st in w.states}
+                rest = [(st, e) for st, e in zip(w.members, entries) if id(st) not in stepped]
+                members, entries = [st for st, _ in rest], [e for _, e in rest]
+            if members:
+                insert_entry(members, entries, slot, occupied, foreach or fused)
             if occupied:
                 priority[slot] = p_t
             else:

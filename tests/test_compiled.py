@@ -14,16 +14,18 @@ pytestmark = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++"))
                                 reason="torch.compile on the CPU needs a C++ compiler")
 
 
-def trajectory(compiled: bool, dtype=torch.float64, steps: int = 36):
+def trajectory(compiled: bool, dtype=torch.float64, steps: int = 36, buffer_dtype=None):
     """Two groups (one with weight decay and its own lr), a buffer of 3 that
-    fills and replaces entries, a parameter that joins at step 12 (its own
-    step count, hence its own bias corrections) and an lr changed at step 24."""
+    fills and replaces entries (written by the compiled kernel itself), a
+    parameter that joins at step 12 (its own step count, hence its own bias
+    corrections) and then lacks a gradient every third step (its entry is
+    written outside the kernel), and an lr changed at step 24."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
     late = nn.Parameter(torch.randn(3, dtype=dtype))
     opt = AdamCM([{"params": net[0].parameters()},
                   {"params": net[2].parameters(), "lr": 3e-3, "weight_decay": 0.1}],
-                 lr=1e-2, buffer_size=3, decay=0.9, compiled=compiled)
+                 lr=1e-2, buffer_size=3, decay=0.9, compiled=compiled, buffer_dtype=buffer_dtype)
     g = torch.Generator().manual_seed(1)
     for t in range(steps):
         if t == 12:
@@ -33,7 +35,7 @@ def trajectory(compiled: bool, dtype=torch.float64, steps: int = 36):
         x = torch.randn(32, 6, generator=g, dtype=dtype) * (0.2 + 3 * torch.rand((), generator=g).item())
         y = torch.randn(32, 3, generator=g, dtype=dtype)
         opt.zero_grad()
-        out = net(x) + (late if t >= 12 else 0)
+        out = net(x) + (late if t >= 12 and t % 3 else 0)  # every third step `late` has no gradient
         nn.functional.mse_loss(out, y).backward()
         opt.step()
     return [p.detach().clone() for p in [*net.parameters(), late]], opt
@@ -45,7 +47,18 @@ def runs():
 
 
 def test_compiled_update_follows_the_eager_trajectory(runs):
-    (fast, opt_fast), (eager, opt_eager) = runs[True], runs[False]
+    check_same(runs[True], runs[False])
+
+
+def test_compiled_update_with_a_bfloat16_buffer_follows_the_eager_trajectory():
+    """The stored rows are rounded to bfloat16 and ΣB sums the rounded rows,
+    as in the eager insertion (float64 parameters, so that only the logic
+    could differ)."""
+    check_same(trajectory(True, buffer_dtype=torch.bfloat16), trajectory(False, buffer_dtype=torch.bfloat16))
+
+
+def check_same(fast_run, eager_run):
+    (fast, opt_fast), (eager, opt_eager) = fast_run, eager_run
     for a, b in zip(fast, eager):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert opt_fast.buffer_stats()["replacement_rate"] > 0  # entries were replaced, not just stored
