@@ -36,8 +36,14 @@ def environment() -> dict[str, Any]:
                                     timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
+    import torch
+
+    from .launch import rank_and_world
+
+    # threads and ranks change the summation order, hence a run's float32 round-off
     return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
-            "git_commit": commit, "git_dirty": dirty, "command": sys.argv}
+            "git_commit": commit, "git_dirty": dirty, "command": sys.argv,
+            "torch_threads": torch.get_num_threads(), "world_size": rank_and_world()[1]}
 
 
 def managed_run(out: str | Path, settings: dict[str, Any], runtime_keys, protocol: str,

@@ -114,6 +114,8 @@ def run(cfg: C.RunConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume, or just read) the run described by ``cfg`` in
     ``cfg.out``; return its metrics. Safe to call again after a crash."""
     cfg = C.resolve(cfg)
+    if cfg.threads:  # before config.json records the environment
+        torch.set_num_threads(cfg.threads)
     metrics, _ = managed_run(cfg.out, cfg.to_dict(), C.RUNTIME_FIELDS,
                              C.protocol(cfg.benchmark, cfg.preset)["_description"],
                              lambda out: _train(cfg, out, quiet))

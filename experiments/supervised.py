@@ -92,6 +92,8 @@ def label(cfg: SupervisedConfig) -> str:
 def run(cfg: SupervisedConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Run, resume or read the run of ``cfg`` in ``cfg.out``."""
     cfg = resolve(cfg)
+    if cfg.threads:  # before config.json records the environment
+        torch.set_num_threads(cfg.threads)
     train = _train_language_model if cfg.task == "ptb" else _train_images
     metrics, _ = managed_run(cfg.out, cfg.to_dict(), C.RUNTIME_FIELDS + ("stats_every",),
                              C.protocol(cfg.task, cfg.preset, LM_PROTOCOL if cfg.task == "ptb" else IMAGE_PROTOCOL)

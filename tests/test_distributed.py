@@ -167,6 +167,7 @@ def test_continual_sweep_under_torchrun_matches_one_process(tmp_path):
     for one in sorted((tmp_path / "one").rglob("metrics.json")):
         ddp = tmp_path / "ddp" / one.parent.relative_to(tmp_path / "one")
         assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in one.parent.iterdir())
+        assert read_json(ddp / "config.json")["environment"]["world_size"] == 2
         a, b = read_json(ddp / "metrics.json"), read_json(one)
         n_test = 10 * 10  # smoke: 10 test images per class, 10 classes
         for row_a, row_b in zip(a["accuracy_matrix"], b["accuracy_matrix"]):

@@ -121,6 +121,7 @@ def test_smoke_run_of_every_benchmark_through_the_real_loaders(data_root, tmp_pa
     saved = read_json(tmp_path / "run" / "config.json")
     assert saved["config"]["seed"] == 0 and saved["config"]["n_experiences"] == t
     assert saved["environment"]["packages"]["torch"] and "git_commit" in saved["environment"]
+    assert saved["environment"]["torch_threads"] == 1 and saved["environment"]["world_size"] == 1
     assert not (tmp_path / "run" / "checkpoint.pkl").exists()
     if benchmark == "split_cifar10":
         assert len(metrics["task_il"]["accuracy_matrix"]) == t
