@@ -70,10 +70,11 @@ class Workspace:
         self._flat.clear()
 
 
-def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
+def squared_norms(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
     """‖t‖² of every tensor, as one 1-D tensor on their device, accumulated in
-    float32 at least (float64 for float64 input)."""
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    ``dtype``: by default float32 at least (float64 for float64 input)."""
+    if dtype is None:
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     return torch.stack(list(torch._foreach_norm(list(tensors), 2, dtype=dtype))).square()
 
 
@@ -86,10 +87,10 @@ def all_reduce_sum(values: Tensor, group) -> Tensor:
 
 
 def reduce_shards(values: Tensor, groups: Sequence) -> Tensor:
-    """Sum, over the ranks, the entries of ``values`` (one per tensor) whose
-    tensor is sharded (its entry of ``groups`` is a process group, see
-    :func:`local_view`); unsharded entries stay as they are. One all-reduce for
-    all of them: FSDP2 shards every tensor over the same mesh."""
+    """Sum, over the ranks, the entries of the 1-D ``values`` whose tensor is
+    sharded (its entry of ``groups`` is a process group, see :func:`local_view`);
+    unsharded entries stay as they are. One all-reduce for all of them: FSDP2
+    shards every tensor over the same mesh."""
     group = next((g for g in groups if g is not None), None)
     if group is None:
         return values

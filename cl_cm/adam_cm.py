@@ -21,7 +21,7 @@ def adam_cm(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
             exp_avg_sqs: list[Tensor], buffer_sums: list[Tensor], state_steps: list[Tensor], *,
             buffer_weight: float, lr: float, beta1: float, beta2: float, eps: float,
             weight_decay: float, second_moment: str = "aggregated", foreach: bool = False,
-            fused: bool = False, compiled: bool = False, workspace: list[Tensor] | None = None) -> None:
+            fused: bool = False, workspace: list[Tensor] | None = None) -> None:
     r"""Functional Adam+CM update, steps 1–4 of Alg. 1 in Malviya et al. (2024)::
 
         m_t = β1·m_{t−1} + (1−β1)·g_t
@@ -34,18 +34,11 @@ def adam_cm(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     and fused Adam kernels do the arithmetic. ``buffer_weight = 0`` (empty
     buffer, κ = 0) gives d_t = m_t; with ``"gradient"`` it is then AdamW.
     ``workspace``: tensors shaped like ``params`` to hold d_t (else allocated).
-    ``compiled``: the aggregated form through :func:`torch.compile`, which
-    fuses steps 1–4 of each tensor into one kernel (see :func:`_compiled_update`).
+    :func:`_compiled_update` is the same update through torch.compile
+    (``AdamCM(compiled=True)``).
     """
     if not params:
         return
-    if compiled:
-        if second_moment != "aggregated":
-            raise ValueError("compiled=True supports second_moment='aggregated' only; use foreach or fused "
-                             "for second_moment='gradient'.")
-        return _compiled_update(params, grads, exp_avgs, exp_avg_sqs, buffer_sums if buffer_weight else None,
-                                state_steps, buffer_weight=buffer_weight, lr=lr, beta1=beta1, beta2=beta2,
-                                eps=eps, weight_decay=weight_decay)
     kernel = dict(beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, foreach=foreach, fused=fused)
     if second_moment == "gradient":
         _kernels.torch_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, beta1=beta1, **kernel)
@@ -196,17 +189,17 @@ class AdamCM(CriticalBufferOptimizer):
         if group["reference_compat"] and all(float(st["step"]) == 0 for st in w.states):
             return self._reference_first_step(group, w)
         args = self._update_arguments(group, w, foreach, fused)
-        if group.get("compiled") and group["buffer_size"]:
-            # the compiled kernel also writes this step's entry (steps 6 of Alg. 1) in the same pass
+        if not group.get("compiled"):
+            adam_cm(**args, second_moment=group["second_moment"])
+            return [st["exp_avg"] for st in w.members]
+        # compiled: the kernel also writes this step's entry (step 6 of Alg. 1) in the same pass
+        del args["foreach"], args["fused"], args["workspace"]
+        rows = None
+        if group["buffer_size"]:
+            args["buffer_sums"] = [st["buffer_sum"] for st in w.states]  # also while the buffer is empty
             rows = [st["buffer"][w.slot if w.slot is not None else 0] for st in w.states]
-            _compiled_update(args["params"], args["grads"], args["exp_avgs"], args["exp_avg_sqs"],
-                             [st["buffer_sum"] for st in w.states], args["state_steps"],
-                             buffer_weight=args["buffer_weight"], lr=args["lr"], beta1=args["beta1"],
-                             beta2=args["beta2"], eps=args["eps"], weight_decay=args["weight_decay"],
-                             rows=rows, write=w.slot is not None, occupied=w.occupied)
             w.inserted = True
-        else:
-            adam_cm(**args, second_moment=group["second_moment"], compiled=group.get("compiled", False))
+        _compiled_update(**args, rows=rows, write=w.slot is not None, occupied=w.occupied)
         return [st["exp_avg"] for st in w.members]
 
     @staticmethod

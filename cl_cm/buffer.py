@@ -511,40 +511,35 @@ class CriticalBufferOptimizer(Optimizer):
         parameters' parts are summed over the ranks with one all-reduce, so
         that every rank reports the statistics of the whole model (every rank
         must then call :meth:`buffer_stats`, as it calls ``step``)."""
-        out: list = []
-        shard_group = None
+        parts: list[Tensor] = []  # per parameter with state: [‖m‖², ‖ΣB‖², its Gram matrix of the entries]
+        shards: list = []         # per entry of ``parts``: the process group of its parameter's shard
+        layout: list = []         # per group: (priority, number of parameters), or None
         for group in self.param_groups:
             members = [(p, st) for p in group["params"] if (st := self.state.get(p)) and "step" in st]
             if not members:
-                out.append(None)
+                layout.append(None)
                 continue
             priority = members[0][1]["priority"]
             n = len(priority)
-            device = members[0][1]["exp_avg"].device
-            parts = {False: torch.zeros(2 + n * n, dtype=torch.float64, device=device),
-                     True: torch.zeros(2 + n * n, dtype=torch.float64, device=device)}
             for p, st in members:
-                shards = _kernels.local_view(p)[1]
-                shard_group = shards or shard_group
-                part = parts[shards is not None]
-                part[0] += st["exp_avg"].double().pow(2).sum()
+                part = torch.zeros(2 + n * n, dtype=torch.float64, device=st["exp_avg"].device)
+                part[0] = st["exp_avg"].double().pow(2).sum()
                 if n:
-                    part[1] += st["buffer_sum"].double().pow(2).sum()
-                    part[2:] += _gram(st["buffer"][:n]).reshape(-1)
-            out.append((priority, parts))
-        if shard_group is not None:
-            present = [sums[1][True] for sums in out if sums is not None]
-            flat = _kernels.all_reduce_sum(torch.cat(present), shard_group)
-            for t, total in zip(present, flat.split([t.numel() for t in present])):
-                t.copy_(total)
+                    part[1] = st["buffer_sum"].double().pow(2).sum()
+                    part[2:] = _gram(st["buffer"][:n]).reshape(-1)
+                parts.append(part)
+                shards += [_kernels.local_view(p)[1]] * part.numel()
+            layout.append((priority, len(members)))
+        totals = iter(_kernels.reduce_shards(torch.cat(parts), shards).cpu().split(
+            [t.numel() for t in parts]) if parts else [])
         result = []
-        for sums in out:
-            if sums is None:
+        for entry in layout:
+            if entry is None:
                 result.append(None)
                 continue
-            priority, parts = sums
+            priority, count = entry
             n = len(priority)
-            total = (parts[False] + parts[True]).cpu()
+            total = sum(next(totals) for _ in range(count))
             result.append((priority, (float(total[0]), float(total[1]), total[2:].reshape(n, n))))
         return result
 

@@ -211,5 +211,5 @@ def _squared_norms(tensors: list) -> torch.Tensor:
     """‖t‖² of every tensor in float64; a DTensor's (FSDP2) is summed over its
     shards, with one all-reduce for all of them."""
     local = [_kernels.local_view(t) for t in tensors]
-    sq = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t, _ in local]).square()
-    return _kernels.reduce_shards(sq, [g for _, g in local])
+    return _kernels.reduce_shards(_kernels.squared_norms([t for t, _ in local], torch.float64),
+                                  [g for _, g in local])

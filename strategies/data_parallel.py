@@ -100,16 +100,14 @@ class DataParallelPlugin(SupervisedPlugin, supports_distributed=True):
     def before_training_iteration(self, strategy, **kwargs):
         mbatch = strategy.mbatch
         n = len(mbatch[0])
-        sizes = [n // self.world + (r < n % self.world) for r in range(self.world)]
-        start, size = sum(sizes[:self.rank]), sizes[self.rank]
-        self._share = size / n
-        part = slice(start, start + size) if size else slice(0, 1)  # zero-weight stand-in
         for i, t in enumerate(mbatch):
             if not (isinstance(t, torch.Tensor) and t.dim() and len(t) == n):
                 raise TypeError(f"minibatch element {i} is not a tensor of {n} samples; DataParallelPlugin "
                                 "splits minibatches of per-sample tensors only.")
         self._fingerprint = torch.stack([_fingerprint(t) for t in mbatch])
-        strategy.mbatch = [t[part] for t in mbatch]
+        parts = [t.tensor_split(self.world)[self.rank] for t in mbatch]
+        self._share = len(parts[0]) / n
+        strategy.mbatch = parts if len(parts[0]) else [t[:1] for t in mbatch]  # else a zero-weight stand-in
 
     def after_backward(self, strategy, **kwargs):
         params = [p for p in strategy.model.parameters() if p.requires_grad]
@@ -117,22 +115,22 @@ class DataParallelPlugin(SupervisedPlugin, supports_distributed=True):
         # bookkeeping: which parameters have a gradient here, and the batch fingerprint
         book = torch.cat([torch.tensor([p.grad is not None for p in params], dtype=torch.float64, device=device),
                           self._fingerprint.to(device)])
+        by_dtype = _by_dtype(params)
         flats, works = {}, []
-        for dtype, group in _by_dtype(params).items():
+        for dtype, group in by_dtype.items():
             flats[dtype] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                                       for p in group]).mul_(self._share)
             works.append(dist.all_reduce(flats[dtype], group=self.group, async_op=True))
         works.append(dist.all_reduce(book, group=self.group, async_op=True))
         for work in works:
             work.wait()
-        index = {id(p): i for i, p in enumerate(params)}
         flags = None
-        for dtype, group in _by_dtype(params).items():
+        for dtype, group in by_dtype.items():
             for p, g in zip(group, flats[dtype].split([p.numel() for p in group])):
                 if p.grad is None:
                     if flags is None:  # a host read only when some local gradient is None
-                        flags = book[:len(params)].tolist()
-                    if flags[index[id(p)]] == 0:
+                        flags = dict(zip(map(id, params), book[:len(params)].tolist()))
+                    if flags[id(p)] == 0:
                         continue  # no rank has a gradient for it
                     p.grad = torch.empty_like(p)
                 p.grad.copy_(g.view_as(p))
