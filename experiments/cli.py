@@ -36,8 +36,22 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--jobs", type=int, help="parallel processes (default: the file's [sweep] jobs, else 1)")
     sweep.add_argument("--data-root", help="overrides [base] data_root")
     sweep.add_argument("--device", help="overrides [base] device")
+    sweep.add_argument("--tuned", help="tuned.toml of cl-cm tune: each cell runs with its arm's chosen settings "
+                                       "(overrides [base] tuned)")
     sweep.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     sweep.add_argument("--report", action="store_true", help="write the report when the sweep is done")
+
+    tune = sub.add_parser("tune", help="choose each arm's hyperparameters on validation data (Optuna; resumable)",
+                          description=__import__("experiments.tuning", fromlist=["x"]).__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    tune.add_argument("file", help="tune file (TOML or JSON): [tune], [base], [grid] and [space]")
+    tune.add_argument("--out", help="results folder (default: the file's [tune] out, else runs/<file name>)")
+    tune.add_argument("--trials", type=int, help="trials per arm (default: [tune] trials, else each arm's whole grid)")
+    tune.add_argument("--jobs", type=int, help="parallel worker processes (default: [tune] jobs, else 1)")
+    tune.add_argument("--storage", help="Optuna storage URL shared by workers, e.g. sqlite:///tune.db or "
+                                        "postgresql://... (default: the journal file OUT/optuna.journal)")
+    tune.add_argument("--data-root", help="overrides [base] data_root")
+    tune.add_argument("--device", help="overrides [base] device")
 
     from .supervised import SupervisedConfig
     from .toy import LANDSCAPES, TOY_OPTIMIZERS
@@ -71,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="the report of every run under a folder")
     report.add_argument("folder")
     report.add_argument("--out", help="report folder (default: FOLDER/report)")
+    report.add_argument("--reference", default="adam",
+                        help="label of the arm the others are compared with (default: adam)")
     return ap
 
 
@@ -90,6 +106,12 @@ def main(argv=None) -> int:
                     run(C.from_args(args))
                     return 0
                 return _sweep(args) if args.command == "sweep" else _supervised(args)
+        elif args.command == "tune":
+            from .tuning import tune
+
+            overrides = {k: v for k, v in (("data_root", args.data_root), ("device", args.device)) if v}
+            tune(args.file, out=args.out, trials=args.trials, jobs=args.jobs, storage=args.storage,
+                 overrides=overrides)
         elif args.command == "toy":
             return _toy(args)
         elif args.command == "report":
@@ -97,7 +119,7 @@ def main(argv=None) -> int:
 
             if not Path(args.folder).is_dir():
                 raise C.ConfigError(f"{args.folder} is not a folder")
-            print(f"report: {render(args.folder, args.out)}")
+            print(f"report: {render(args.folder, args.out, reference=args.reference)}")
     except (C.ConfigError, DataNotFoundError, RunLocked) as e:
         print(f"cl-cm: error: {e}", file=sys.stderr)
         return 2
@@ -111,7 +133,8 @@ def _sweep(args) -> int:
     settings = spec.get("sweep", {})
     out = args.out or settings.get("out") or f"runs/{Path(args.file).stem}"
     jobs = args.jobs or settings.get("jobs", 1)
-    overrides = {k: v for k, v in (("data_root", args.data_root), ("device", args.device)) if v}
+    overrides = {k: v for k, v in (("data_root", args.data_root), ("device", args.device), ("tuned", args.tuned))
+                 if v}
     if args.dry_run:
         for cell in expand(spec, out, overrides):
             print(cell.out)

@@ -21,9 +21,18 @@ from typing import Any
 
 from strategies import BOUNDARIES, KAPPA_SCHEDULES, OPTIMIZERS, STRATEGIES, optimizer_options
 
-BENCHMARKS = ("permuted_mnist", "split_cifar10", "split_cifar100")
+#: benchmark -> its scenarios (Hsu et al. 2018, "Re-evaluating Continual Learning Scenarios"), the default first
+SCENARIOS = {
+    "permuted_mnist": ("domain",),
+    "rotated_mnist": ("domain",),
+    "split_mnist": ("class", "task", "domain"),
+    "split_cifar10": ("class",),
+    "split_cifar100": ("task",),
+}
+BENCHMARKS = tuple(SCENARIOS)
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
 BUFFERED_OPTIMIZERS = ("adam_cm", "adam_cg", "adam_cm_sam")
+VALIDATION = ("none", "holdout", "first_tasks")
 
 
 def _f(default, help: str, group: str, choices=None):
@@ -38,6 +47,8 @@ class OptimizerSettings:
     lr: float | None = _f(None, "learning rate (sgd 0.01, Adam family 1e-3)", "optimizer")
     weight_decay: float | None = _f(None, "decoupled weight decay (0)", "optimizer")
     momentum: float | None = _f(None, "SGD momentum (0)", "optimizer")
+    beta1: float | None = _f(None, "Adam family: beta1, decay of the first moment m (0.9)", "optimizer")
+    beta2: float | None = _f(None, "Adam family: beta2, decay of the second moment v (0.999)", "optimizer")
     buffer_size: int | None = _f(None, "C, critical momenta kept (5)", "optimizer")
     decay: float | None = _f(None, "lambda, priority decay per step (0.7)", "optimizer")
     kappa: float | None = _f(None, "kappa, weight of mean(B) (1.0)", "optimizer")
@@ -57,6 +68,7 @@ class RuntimeSettings:
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", "runtime")
     eval_batch_size: int = _f(512, "evaluation mini-batch size", "runtime")
     progress: bool = _f(True, "progress bars", "runtime")
+    tuned: str | None = _f(None, "tuned.toml written by cl-cm tune: the run takes its arm's chosen settings", "runtime")
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -71,6 +83,9 @@ class RunConfig(OptimizerSettings, RuntimeSettings):
 
     # ---- what to run
     benchmark: str = _f("permuted_mnist", "continual-learning benchmark", "run", BENCHMARKS)
+    scenario: str | None = _f(None, "task (one head per experience), domain (one shared head over the "
+                              "experience's classes) or class (one head over all classes); split_mnist takes "
+                              "all three, the other benchmarks one (default: the benchmark's own)", "run")
     strategy: str = _f("naive", "Avalanche strategy", "run", tuple(STRATEGIES))
     optimizer: str = _f("adam", "optimizer", "run", tuple(OPTIMIZERS))
     preset: str = _f("cpu", "protocol preset: smoke (CI, seconds), cpu (minutes on 2 cores), paper "
@@ -83,7 +98,8 @@ class RunConfig(OptimizerSettings, RuntimeSettings):
     kappa_schedule: str = _f("constant", "kappa within each experience", "buffer", KAPPA_SCHEDULES)
     kappa_start: float | None = _f(None, "kappa at the start of each experience (default: --kappa)", "buffer")
     kappa_end: float | None = _f(None, "kappa at the end of each experience (linear, cosine)", "buffer")
-    reset_moments: bool = _f(False, "zero Adam's m and v at each boundary, keeping the buffer", "buffer")
+    reset_moments: bool = _f(False, "Adam family: zero m, v and the step count at each boundary (a buffer is "
+                             "kept; the boundary policy decides its fate)", "buffer")
     # ---- protocol (default: the preset's value)
     n_experiences: int | None = _f(None, "number of experiences", "protocol")
     epochs: int | None = _f(None, "training epochs per experience", "protocol")
@@ -104,23 +120,34 @@ class RunConfig(OptimizerSettings, RuntimeSettings):
     memory_strength: float | None = _f(None, "GEM margin (0.5)", "strategy")
     reset_optimizer_state: bool = _f(False, "Avalanche's train(exp, reset_optimizer_state=True) at every "
                                      "experience: a fresh optimizer state, buffer included", "strategy")
+    # ---- validation (cl-cm tune): never the test data
+    validation: str = _f("none", "none: train on the training data, evaluate on the test data; holdout: train on "
+                         "all but a fixed class-balanced fraction of each experience's training data and evaluate "
+                         "on that fraction; first_tasks: as holdout, on a separate stream of the first "
+                         "validation_tasks experiences drawn with another seed (Chaudhry et al. 2019)",
+                         "validation", VALIDATION)
+    validation_fraction: float = _f(0.1, "fraction of each class held out for validation", "validation")
+    validation_tasks: int = _f(3, "experiences of the tuning stream of validation = first_tasks", "validation")
     # ---- measurements and runtime
     sharpness: bool = _f(False, "record the top Hessian eigenvalue on every seen experience after each one", "run")
     sharpness_samples: int = _f(128, "samples per experience for --sharpness", "run")
 
 
 #: config fields that do not change results (they may differ between a run and its resumption)
-RUNTIME_FIELDS = ("data_root", "download", "out", "device", "threads", "progress", "eval_batch_size")
+RUNTIME_FIELDS = ("data_root", "download", "out", "device", "threads", "progress", "eval_batch_size", "tuned")
 PROTOCOL_FIELDS = ("n_experiences", "epochs", "batch_size", "train_per_class", "test_per_class", "model",
                    "width", "augment")
-OPTIMIZER_FIELDS = ("lr", "weight_decay", "momentum", "buffer_size", "decay", "kappa", "second_moment",
-                    "rho", "adaptive")
+OPTIMIZER_FIELDS = ("lr", "weight_decay", "momentum", "beta1", "beta2", "buffer_size", "decay", "kappa",
+                    "second_moment", "rho", "adaptive")
+#: config field -> the optimizer argument it sets (beta1 and beta2 are the two halves of ``betas``)
+OPTIMIZER_ARGUMENT = {"beta1": "betas", "beta2": "betas"}
+VALIDATION_FIELDS = ("validation", "validation_fraction", "validation_tasks")
 #: config name -> make_strategy argument
 STRATEGY_FIELDS = {"ewc_lambda": "ewc_lambda", "si_lambda": "si_lambda", "lwf_alpha": "alpha",
                    "lwf_temperature": "temperature", "mem_size": "mem_size",
                    "patterns_per_exp": "patterns_per_exp", "sample_size": "sample_size",
                    "memory_strength": "memory_strength"}
-BUFFER_FIELDS = ("boundary", "factor", "min_size", "kappa_schedule", "kappa_start", "kappa_end", "reset_moments")
+BUFFER_FIELDS = ("boundary", "factor", "min_size", "kappa_schedule", "kappa_start", "kappa_end")
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
 
 
@@ -196,66 +223,127 @@ def check_choice(name: str, value, allowed) -> None:
 def check_optimizer_settings(cfg) -> None:
     """Optimizer settings given explicitly must be ones that the optimizer takes."""
     accepted = optimizer_options(cfg.optimizer)
-    wrong = [k for k in OPTIMIZER_FIELDS if getattr(cfg, k) is not None and k not in accepted]
+    wrong = [k for k in OPTIMIZER_FIELDS if getattr(cfg, k) is not None and OPTIMIZER_ARGUMENT.get(k, k) not in accepted]
     if wrong:
+        takes = [k for k in OPTIMIZER_FIELDS if OPTIMIZER_ARGUMENT.get(k, k) in accepted]
         raise ConfigError(f"{', '.join(wrong)} does not apply to optimizer {cfg.optimizer!r}; it takes "
-                          f"{', '.join(accepted)}")
+                          f"{', '.join(takes)}")
+
+
+def has_moments(optimizer: str) -> bool:
+    """Whether ``optimizer`` keeps Adam's moments m and v (the Adam family)."""
+    return "betas" in optimizer_options(optimizer)
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
-    """Fill protocol fields from the preset and check every setting."""
+    """Fill protocol fields from the preset and, with ``tuned``, the arm's
+    chosen settings from a tuned.toml; check every setting."""
     for name, allowed in (("benchmark", BENCHMARKS), ("strategy", tuple(STRATEGIES)),
                           ("optimizer", tuple(OPTIMIZERS)), ("boundary", BOUNDARIES),
-                          ("kappa_schedule", KAPPA_SCHEDULES)):
+                          ("kappa_schedule", KAPPA_SCHEDULES), ("validation", VALIDATION)):
         check_choice(name, getattr(cfg, name), allowed)
+    if cfg.scenario is None:
+        cfg = dataclasses.replace(cfg, scenario=SCENARIOS[cfg.benchmark][0])
+    if cfg.scenario not in SCENARIOS[cfg.benchmark]:
+        raise ConfigError(f"{cfg.benchmark} has no scenario {cfg.scenario!r}; it takes "
+                          f"{', '.join(SCENARIOS[cfg.benchmark])}")
     cfg = fill_protocol(cfg, cfg.benchmark, PROTOCOL_FIELDS)
+    if cfg.tuned:
+        from .tuning import apply_tuned
+
+        cfg = apply_tuned(cfg)
     check_optimizer_settings(cfg)
     if cfg.optimizer not in BUFFERED_OPTIMIZERS:
         changed = [k for k in BUFFER_FIELDS if getattr(cfg, k) != getattr(RunConfig, k)]
         if changed:
             raise ConfigError(f"{', '.join(changed)} only apply to optimizers with a buffer "
                               f"({', '.join(BUFFERED_OPTIMIZERS)}), not {cfg.optimizer!r}")
+    if cfg.reset_moments and not has_moments(cfg.optimizer):
+        raise ConfigError(f"reset_moments applies to the Adam family, not {cfg.optimizer!r}")
     from strategies import strategy_options
     takes = strategy_options(cfg.strategy)
     wrong = [k for k, arg in STRATEGY_FIELDS.items() if getattr(cfg, k) is not None and arg not in takes]
     if wrong:
         raise ConfigError(f"{', '.join(wrong)} does not apply to strategy {cfg.strategy!r}")
-    for name in ("n_experiences", "epochs", "batch_size", "width"):
+    for name in ("n_experiences", "epochs", "batch_size", "width", "validation_tasks"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 < cfg.validation_fraction < 1.0:
+        raise ConfigError(f"validation_fraction must lie in (0, 1), got {cfg.validation_fraction}")
+    if cfg.validation == "first_tasks" and cfg.validation_tasks > cfg.n_experiences:
+        raise ConfigError(f"validation_tasks ({cfg.validation_tasks}) must not exceed n_experiences "
+                          f"({cfg.n_experiences})")
     return cfg
 
 
-def optimizer_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in OPTIMIZER_FIELDS if getattr(cfg, k) is not None}
+def optimizer_kwargs(cfg) -> dict[str, Any]:
+    """The optimizer's keyword arguments given by ``cfg`` (None: the optimizer's default)."""
+    out = {k: getattr(cfg, k) for k in OPTIMIZER_FIELDS if getattr(cfg, k) is not None and k not in OPTIMIZER_ARGUMENT}
+    if cfg.beta1 is not None or cfg.beta2 is not None:
+        default = optimizer_options(cfg.optimizer)["betas"]
+        out["betas"] = (default[0] if cfg.beta1 is None else cfg.beta1, default[1] if cfg.beta2 is None else cfg.beta2)
+    return out
 
 
 def strategy_kwargs(cfg: RunConfig) -> dict[str, Any]:
     return {arg: getattr(cfg, k) for k, arg in STRATEGY_FIELDS.items() if getattr(cfg, k) is not None}
 
 
+def bench_label(cfg) -> str:
+    """``split_mnist-task``: the benchmark, and its scenario where it has several."""
+    scenario = cfg["scenario"] if isinstance(cfg, dict) else cfg.scenario
+    benchmark = cfg["benchmark"] if isinstance(cfg, dict) else cfg.benchmark
+    return benchmark + (f"-{scenario}" if len(SCENARIOS.get(benchmark, ())) > 1 and scenario else "")
+
+
 def policy_label(cfg: RunConfig) -> str:
-    """``adam``, ``adam_cm/keep``, ``adam_cm/decay0.5``, ``adam_cm/shrink0.5min1``..."""
+    """``adam``, ``adam+resetm``, ``adam_cm/keep``, ``adam_cm/decay0.5``, ``adam_cm/shrink0.5min1``..."""
+    resetm = "+resetm" if cfg.reset_moments else ""
     if cfg.optimizer not in BUFFERED_OPTIMIZERS:
-        return cfg.optimizer
+        return cfg.optimizer + resetm
     label = cfg.boundary + (f"{cfg.factor:g}" if cfg.factor is not None else "")
     if cfg.min_size:
         label += f"min{cfg.min_size}"
     if cfg.kappa_schedule != "constant":
         label += f"+{cfg.kappa_schedule}"
-    if cfg.reset_moments:
-        label += "+resetm"
-    return f"{cfg.optimizer}/{label}"
+    return f"{cfg.optimizer}/{label}{resetm}"
 
 
-def run_label(cfg: RunConfig) -> str:
+def run_label(cfg: RunConfig, exclude=()) -> str:
     """The policy label plus every optimizer or strategy setting given
-    explicitly: what tells the rows of a report apart."""
-    extra = {**optimizer_kwargs(cfg), **strategy_kwargs(cfg)}
+    explicitly, except those in ``exclude`` (tuned ones): what tells the arms
+    of a comparison apart."""
+    extra = {k: getattr(cfg, k) for k in (*OPTIMIZER_FIELDS, *STRATEGY_FIELDS) if getattr(cfg, k) is not None}
+    if cfg.kappa_schedule != "constant":
+        extra.update(kappa_start=cfg.kappa_start, kappa_end=cfg.kappa_end)
     if cfg.reset_optimizer_state:
         extra["reset_optimizer_state"] = True
+    extra = {k: v for k, v in extra.items() if k not in exclude and v is not None}
     return " ".join([policy_label(cfg)] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                                            for k, v in sorted(extra.items())])
+
+
+def provenance(cfg: RunConfig, tuned_keys=()) -> dict[str, str]:
+    """Where each result-changing setting of a resolved config came from:
+    ``tuned``, ``preset <name>``, ``default`` or ``given`` (a flag, a config
+    file or a sweep)."""
+    preset = protocol(cfg.benchmark, cfg.preset)
+    out = {}
+    for f in fields(cfg):
+        if f.name in RUNTIME_FIELDS:
+            continue
+        value = getattr(cfg, f.name)
+        if f.name in tuned_keys:
+            out[f.name] = f"tuned ({cfg.tuned})"
+        elif f.name in PROTOCOL_FIELDS and preset.get(f.name) == value:
+            out[f.name] = f"preset {cfg.preset}"
+        elif f.name == "scenario" and value == SCENARIOS[cfg.benchmark][0]:
+            out[f.name] = "default"
+        elif value is None or value == f.default:
+            out[f.name] = "default"
+        else:
+            out[f.name] = "given"
+    return out
 
 
 # ------------------------------------------------------------------- argparse

@@ -56,27 +56,27 @@ _SOURCES = {
 }
 
 
-def load_torchvision(name: str, root: str | Path, download: bool = True
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_torchvision(name: str, root: str | Path, download: bool = True, test: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(train images, train labels, test images, test labels) as uint8 / int64
-    tensors; images are N×H×W (MNIST) or N×3×H×W (CIFAR)."""
+    tensors; images are N×H×W (MNIST) or N×3×H×W (CIFAR). ``test=False``
+    never reads the test files (None, None in their place)."""
     remote, local, folder, files = _SOURCES[name]
     root = Path(root).expanduser()
     present = all((root / folder / f).exists() for f in files)
     try:
         if not present and not download:
             raise FileNotFoundError("missing files, and downloading is off (--no-download)")
-        if present:
-            train, test = local(str(root), train=True, download=False), local(str(root), train=False, download=False)
-        else:
-            train, test = remote(str(root), train=True, download=True), remote(str(root), train=False, download=True)
+        source = local if present else remote
+        train = source(str(root), train=True, download=not present)
+        test_set = source(str(root), train=False, download=not present) if test else None
     except Exception as e:  # torchvision raises URLError, RuntimeError, OSError, ...
         where = root / folder
         raise DataNotFoundError(
             f"{name} is not in {where} and could not be downloaded ({type(e).__name__}: {e}).\n"
             f"Run where torchvision can download it, or put these files in {where}: {', '.join(files)}\n"
             f"(torchvision's layout; --data-root chooses the folder, now {root}).") from None
-    return (*_tensors(train), *_tensors(test))
+    return (*_tensors(train), *(_tensors(test_set) if test_set is not None else (None, None)))
 
 
 def _tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +99,36 @@ def balanced_subset(targets: torch.Tensor, per_class: int, seed: int = 0) -> tor
             raise ValueError(f"class {c} has {len(idx)} samples, fewer than the {per_class} per class asked for")
         chosen.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
     return torch.cat(chosen).sort().values
+
+
+def holdout_split(targets: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out): positions into ``targets`` with round(fraction · n_c)
+    samples of every class c held out (at least one), chosen with a fixed seed
+    independent of the run's seed, so that every run and every arm of a
+    comparison is validated on the same samples. Both sorted."""
+    gen = torch.Generator().manual_seed(seed)
+    held = []
+    for c in targets.unique(sorted=True).tolist():
+        idx = (targets == c).nonzero().flatten()
+        k = max(1, round(fraction * len(idx)))
+        if k >= len(idx):
+            raise ValueError(f"class {c} has {len(idx)} training samples: too few to hold out {fraction:g} of them")
+        held.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
+    held_out = torch.cat(held).sort().values
+    mask = torch.ones(len(targets), dtype=torch.bool)
+    mask[held_out] = False
+    return mask.nonzero().flatten(), held_out
+
+
+def rotation_map(degrees: float, size: int = 28) -> torch.Tensor:
+    """Rotation of a size×size image by ``degrees`` (counter-clockwise, about
+    the centre, nearest neighbour: torchvision's ``rotate``) as a gather of
+    pixel indices into the flattened image followed by one background pixel
+    (index size²), for the pixels that come from outside the image."""
+    from torchvision.transforms.functional import rotate
+
+    index = torch.arange(size * size, dtype=torch.float32).view(1, size, size)  # as the images: same rounding
+    return rotate(index, float(degrees), fill=float(size * size)).flatten().round().long()
 
 
 class ImageTensorDataset(Dataset):
@@ -145,43 +175,118 @@ class Benchmark:
     scenario_kind: str
     n_classes: int
     classes_per_exp: int
-    task_il_by_masking: bool   # single head; task-IL accuracy reported by masking logits
+    task_il_by_masking: bool   # single head over all classes; task-IL accuracy reported by masking logits
     multi_head: bool           # task labels select a head
+    n_experiences: int = 0     # experiences of the stream (cfg.validation_tasks with validation = first_tasks)
+    eval_split: str = "test"   # what the evaluation stream holds: test data, or held-out training data
+
+
+#: seed offset of the separate tuning stream of validation = "first_tasks"
+FIRST_TASKS_SEED_OFFSET = 1_000_003
+#: rotation of experience i of Rotated-MNIST, and of the tuning stream of validation = "first_tasks"
+ROTATION_STEP = 10.0
+
+_SCENARIO_KIND = {
+    "domain": "domain-incremental",
+    "task": "task-incremental, multi-head",
+    "class": "class-incremental",
+}
+
+
+def _stream(cfg) -> tuple[int, int]:
+    """(experiences, seed) of the stream: the reported one, or the separate
+    tuning stream of validation = "first_tasks" (Chaudhry et al. 2019, A-GEM)."""
+    if cfg.validation == "first_tasks":
+        return cfg.validation_tasks, cfg.seed + FIRST_TASKS_SEED_OFFSET
+    return cfg.n_experiences, cfg.seed
+
+
+def _train_and_eval(cfg, name: str):
+    """(train images, train labels, evaluation images, evaluation labels,
+    eval split): the protocol's class-balanced subset of the training data and
+    the test data; with validation, the training subset minus a held-out
+    fraction, and that fraction in place of the test data (never read)."""
+    validating = cfg.validation != "none"
+    xtr, ytr, xte, yte = load_torchvision(name, cfg.data_root, cfg.download, test=not validating)
+    itr = balanced_subset(ytr, cfg.train_per_class)
+    if not validating:
+        ite = balanced_subset(yte, cfg.test_per_class)
+        return xtr[itr], ytr[itr], xte[ite], yte[ite], "test"
+    kept, held = holdout_split(ytr[itr], cfg.validation_fraction)
+    return xtr[itr[kept]], ytr[itr[kept]], xtr[itr[held]], ytr[itr[held]], "validation"
 
 
 def build_benchmark(cfg) -> Benchmark:
     """The scenario of ``cfg.benchmark`` under the resolved protocol of ``cfg``."""
+    if cfg.benchmark in ("permuted_mnist", "rotated_mnist"):
+        return _pixel_mapped_mnist(cfg)
+    return _split(cfg)
+
+
+def _pixel_mapped_mnist(cfg) -> Benchmark:
+    """Permuted-MNIST (every experience: all ten digits under its own fixed
+    random pixel permutation, drawn from the seed) and Rotated-MNIST (every
+    experience: all ten digits rotated by its own fixed angle, 10° more per
+    experience, as in Mirzadeh et al. 2020, "Understanding the Role of Training
+    Regimes in Continual Learning"); one shared 10-way head."""
     from avalanche.benchmarks import nc_benchmark
 
+    n, seed = _stream(cfg)
+    xtr, ytr, xev, yev, split = _train_and_eval(cfg, "MNIST")
+    norm = ImageTensorDataset.normalise
+    xtr, xev = norm(xtr, (MNIST_MEAN,), (MNIST_STD,)), norm(xev, (MNIST_MEAN,), (MNIST_STD,))
     if cfg.benchmark == "permuted_mnist":
-        xtr, ytr, xte, yte = load_torchvision("MNIST", cfg.data_root, cfg.download)
-        itr, ite = balanced_subset(ytr, cfg.train_per_class), balanced_subset(yte, cfg.test_per_class)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        perms = [torch.randperm(28 * 28, generator=gen) for _ in range(cfg.n_experiences)]
-        norm = ImageTensorDataset.normalise
-        xtr, xte = norm(xtr[itr], (MNIST_MEAN,), (MNIST_STD,)), norm(xte[ite], (MNIST_MEAN,), (MNIST_STD,))
-        train = [ImageTensorDataset(xtr, ytr[itr], p) for p in perms]
-        test = [ImageTensorDataset(xte, yte[ite], p) for p in perms]
-        scenario = nc_benchmark(train, test, n_experiences=cfg.n_experiences, task_labels=False, shuffle=False,
-                                one_dataset_per_exp=True, class_ids_from_zero_in_each_exp=True)
-        return Benchmark(scenario, "domain-incremental", 10, 10, False, False)
+        gen = torch.Generator().manual_seed(seed)
+        maps = [torch.randperm(28 * 28, generator=gen) for _ in range(n)]
+    else:  # a gather with one background pixel appended to every flattened image
+        offset = ROTATION_STEP / 2 if cfg.validation == "first_tasks" else 0.0
+        maps = [rotation_map(offset + ROTATION_STEP * i) for i in range(n)]
+        background = (0.0 - MNIST_MEAN) / MNIST_STD
+        xtr, xev = (torch.cat([x.flatten(1), torch.full((len(x), 1), background)], 1) for x in (xtr, xev))
+    train = [ImageTensorDataset(xtr, ytr, m) for m in maps]
+    evaluation = [ImageTensorDataset(xev, yev, m) for m in maps]
+    scenario = nc_benchmark(train, evaluation, n_experiences=n, task_labels=False, shuffle=False,
+                            one_dataset_per_exp=True, class_ids_from_zero_in_each_exp=True)
+    return Benchmark(scenario, "domain-incremental", 10, 10, False, False, n, split)
 
-    name, n_classes, mean, std = (("CIFAR-10", 10, CIFAR10_MEAN, CIFAR10_STD) if cfg.benchmark == "split_cifar10"
-                                  else ("CIFAR-100", 100, CIFAR100_MEAN, CIFAR100_STD))
+
+def _split(cfg) -> Benchmark:
+    """Split-MNIST, Split-CIFAR-10 and Split-CIFAR-100: the classes in a fixed
+    order (0, 1, 2, ...; a seeded random order on the tuning stream of
+    validation = "first_tasks"), an equal number per experience.
+
+    * class scenario: one head over all classes; task-incremental accuracy is
+      read from the same model by masking its logits to the experience's
+      classes (as in DER / mammoth);
+    * task scenario: task labels, one head per experience, classes numbered
+      from 0 in each;
+    * domain scenario: no task labels, one shared head over the classes of an
+      experience, numbered from 0 in each (Split-MNIST: even or odd digit)."""
+    from avalanche.benchmarks import nc_benchmark
+
+    name, n_classes, mean, std = {"split_mnist": ("MNIST", 10, (MNIST_MEAN,), (MNIST_STD,)),
+                                  "split_cifar10": ("CIFAR-10", 10, CIFAR10_MEAN, CIFAR10_STD),
+                                  "split_cifar100": ("CIFAR-100", 100, CIFAR100_MEAN, CIFAR100_STD)}[cfg.benchmark]
     if n_classes % cfg.n_experiences:
         raise ValueError(f"{cfg.benchmark}: {n_classes} classes do not split into {cfg.n_experiences} experiences")
-    xtr, ytr, xte, yte = load_torchvision(name, cfg.data_root, cfg.download)
-    itr, ite = balanced_subset(ytr, cfg.train_per_class), balanced_subset(yte, cfg.test_per_class)
+    per_exp = n_classes // cfg.n_experiences
+    n, seed = _stream(cfg)
+    order = list(range(n_classes))
+    if cfg.validation == "first_tasks":
+        order = torch.randperm(n_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+    order = order[: n * per_exp]
+    xtr, ytr, xev, yev, split = _train_and_eval(cfg, name)
+    keep_tr, keep_ev = torch.isin(ytr, torch.tensor(order)), torch.isin(yev, torch.tensor(order))
     norm = ImageTensorDataset.normalise
-    train = ImageTensorDataset(norm(xtr[itr], mean, std), ytr[itr], augment=cfg.augment)
-    test = ImageTensorDataset(norm(xte[ite], mean, std), yte[ite])
-    multi_head = cfg.benchmark == "split_cifar100"
-    scenario = nc_benchmark(train, test, n_experiences=cfg.n_experiences, task_labels=multi_head,
-                            shuffle=False, fixed_class_order=list(range(n_classes)),
-                            class_ids_from_zero_in_each_exp=multi_head)
-    kind = ("task-incremental, multi-head" if multi_head
-            else "class-incremental (task-incremental by masking the same model's logits)")
-    return Benchmark(scenario, kind, n_classes, n_classes // cfg.n_experiences, not multi_head, multi_head)
+    train = ImageTensorDataset(norm(xtr[keep_tr], mean, std), ytr[keep_tr], augment=cfg.augment)
+    evaluation = ImageTensorDataset(norm(xev[keep_ev], mean, std), yev[keep_ev])
+    task, shared = cfg.scenario == "task", cfg.scenario == "class"
+    scenario = nc_benchmark(train, evaluation, n_experiences=n, task_labels=task, shuffle=False,
+                            fixed_class_order=order, class_ids_from_zero_in_each_exp=not shared)
+    kind = _SCENARIO_KIND[cfg.scenario]
+    if shared:
+        kind += " (task-incremental accuracy by masking the same model's logits)"
+    return Benchmark(scenario, kind, n_classes if shared else per_exp, per_exp, shared, task, n, split)
 
 
 def build_model(cfg, bench: Benchmark) -> torch.nn.Module:
@@ -191,6 +296,8 @@ def build_model(cfg, bench: Benchmark) -> torch.nn.Module:
     head per experience."""
     from avalanche.models import MTSlimResNet18, SimpleMLP, SlimResNet18
 
+    if cfg.model == "mlp" and bench.multi_head:
+        return MultiHeadMLP(hidden_size=cfg.width, initial_out_features=bench.classes_per_exp)
     if cfg.model == "mlp":
         return SimpleMLP(num_classes=bench.n_classes, input_size=28 * 28, hidden_size=cfg.width,
                          hidden_layers=2, drop_rate=0.0)
@@ -201,3 +308,32 @@ def build_model(cfg, bench: Benchmark) -> torch.nn.Module:
             raise ValueError(f"mt_slim_resnet18 needs a benchmark with task labels, not {cfg.benchmark}")
         return MTSlimResNet18(bench.classes_per_exp, nf=cfg.width)
     raise ValueError(f"unknown model {cfg.model!r}; use mlp, slim_resnet18 or mt_slim_resnet18")
+
+
+def _multi_task_module():
+    from avalanche.models import MultiTaskModule
+
+    return MultiTaskModule
+
+
+class MultiHeadMLP(_multi_task_module()):
+    """Two hidden layers of ``hidden_size`` ReLU units shared by all tasks, and
+    one linear head per task label (Avalanche's MultiHeadClassifier, a new
+    head for each new task): the multi-head MLP of Hsu et al. (2018)'s
+    incremental-task scenario. No dropout (it would desynchronise data-parallel
+    ranks)."""
+
+    def __init__(self, input_size: int = 28 * 28, hidden_size: int = 400, initial_out_features: int = 2):
+        from avalanche.models import MultiHeadClassifier
+
+        super().__init__()
+        self.input_size = input_size
+        self.features = torch.nn.Sequential(torch.nn.Linear(input_size, hidden_size), torch.nn.ReLU(),
+                                            torch.nn.Linear(hidden_size, hidden_size), torch.nn.ReLU())
+        self.classifier = MultiHeadClassifier(hidden_size, initial_out_features=initial_out_features)
+
+    def forward_single_task(self, x, task_label):
+        return self.classifier(self.features(x.reshape(len(x), self.input_size)), task_label)
+
+    def forward(self, x, task_labels):
+        return self.classifier(self.features(x.reshape(len(x), self.input_size)), task_labels)

@@ -7,8 +7,16 @@ seeds) for every optimizer and boundary policy; each one's paired difference
 to Adam over the seeds they share, with a 95% confidence interval (Student t);
 the published anchors whose protocol matches; and figures: accuracy-matrix
 heatmaps, per-task accuracy curves, forgetting bars, an ACC-against-forgetting
-scatter, buffer statistics across experiences and, where recorded, sharpness
-against forgetting.
+scatter, buffer statistics across experiences, the distance travelled in
+parameter space against forgetting and, where recorded, sharpness against
+forgetting.
+
+When several arms are compared with one reference arm (``--reference``, Adam
+by default), each paired difference also carries a paired t-test p-value,
+Holm-adjusted over the arms of the section (Holm 1979, "A Simple Sequentially
+Rejective Multiple Test Procedure"), and the report says which differences
+survive at the 5 % level. Settings chosen by ``cl-cm tune`` (recorded in each
+run's config.json) are shown per row and do not split rows.
 """
 from __future__ import annotations
 
@@ -56,7 +64,12 @@ def effective_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     from strategies import optimizer_options, strategy_options
 
     settings = dict(cfg)
-    settings.update({k: v for k, v in optimizer_options(cfg["optimizer"]).items() if cfg.get(k) is None})
+    options = optimizer_options(cfg["optimizer"])
+    settings.update({k: v for k, v in options.items() if cfg.get(k) is None})
+    if "betas" in options:
+        for i, name in enumerate(("beta1", "beta2")):
+            if cfg.get(name) is None:
+                settings[name] = options["betas"][i]
     for name, arg in C.STRATEGY_FIELDS.items():
         if cfg.get(name) is None and arg in strategy_options(cfg["strategy"]):
             settings[name] = strategy_options(cfg["strategy"])[arg]
@@ -77,41 +90,87 @@ def _fmt(mean: float, spread: float, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" if spread is None or math.isnan(spread) else f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
+def tuned_keys(run: dict[str, Any]) -> tuple[str, ...]:
+    """Settings of a run that ``cl-cm tune`` chose (from its config.json)."""
+    return tuple(k for k, v in run.get("provenance", {}).items() if str(v).startswith("tuned"))
+
+
 def _group_runs(runs):
     """{(benchmark, preset, strategy, protocol): {row label: [runs]}}; a row is
-    one optimizer, policy and explicit hyperparameter setting, over seeds."""
+    one optimizer, policy and explicit hyperparameter setting, over seeds
+    (values chosen by cl-cm tune do not split rows: each arm has its own)."""
     groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         cfg = run["config"]
-        label = C.run_label(C.RunConfig(**{k: v for k, v in cfg.items() if k in C.FIELD_NAMES}))
-        protocol = tuple(cfg[k] for k in C.PROTOCOL_FIELDS)
-        groups[(cfg["benchmark"], cfg["preset"], cfg["strategy"], protocol)][label].append(run)
+        label = C.run_label(C.RunConfig(**{k: v for k, v in cfg.items() if k in C.FIELD_NAMES}),
+                            exclude=tuned_keys(run))
+        protocol = tuple(cfg.get(k) for k in C.PROTOCOL_FIELDS) + (run["metrics"].get("eval_split", "test"),)
+        bench = C.bench_label({"benchmark": cfg["benchmark"], "scenario": cfg.get("scenario")})
+        groups[(bench, cfg["preset"], cfg["strategy"], protocol)][label].append(run)
     return groups
 
 
-def _policy_order(policies):
-    return sorted(policies, key=lambda p: (not p.startswith(BASELINE + " ") and p != BASELINE, p))
+def _policy_order(policies, reference: str = BASELINE):
+    head = reference.split(" ")[0]
+    return sorted(policies, key=lambda p: (p != reference, not p.startswith(head + " ") and p != head, p))
 
 
-def _baseline_for(label: str, by_policy) -> str | None:
-    """The Adam row with the same learning rate as ``label``'s run."""
-    lr = effective_settings(by_policy[label][0]["config"])["lr"]
-    for candidate in _policy_order(by_policy):
-        if candidate.split(" ")[0] == BASELINE and effective_settings(by_policy[candidate][0]["config"])["lr"] == lr:
-            return candidate
-    return None
+def _baseline_for(label: str, by_policy, reference: str = BASELINE) -> str | None:
+    """The reference row that ``label`` is compared with: the one labelled
+    ``reference`` when the arms' learning rates were tuned (each arm at its
+    best); otherwise the reference optimizer's row with the same learning
+    rate as ``label``'s run, falling back to the one labelled ``reference``."""
+    run = by_policy[label][0]
+    if "lr" not in tuned_keys(run):
+        lr = effective_settings(run["config"])["lr"]
+        head = reference.split(" ")[0]
+        for candidate in _policy_order(by_policy, reference):
+            if (candidate.split(" ")[0] == head and "lr" not in tuned_keys(by_policy[candidate][0])
+                    and effective_settings(by_policy[candidate][0]["config"])["lr"] == lr):
+                return candidate
+    return reference if reference in by_policy else None
 
 
-def render(folder: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``report.md`` and its figures; return the report's path."""
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (NaN stays NaN and
+    is not counted): adjusted p_(i) = max_{j <= i} min(1, (m − j + 1) p_(j))
+    over the p-values in increasing order."""
+    finite = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    m = len(finite)
+    out = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+def paired_p(diffs: list[float]) -> float:
+    """Two-sided paired t-test p-value of differences (NaN for fewer than 2, or
+    all equal: no spread to test against)."""
+    from scipy import stats
+
+    x = np.asarray(diffs, dtype=float)
+    if len(x) < 2 or np.allclose(x, x[0]):
+        return 0.0 if len(x) >= 2 and x[0] != 0 and np.allclose(x, x[0]) else math.nan
+    return float(stats.ttest_1samp(x, 0.0).pvalue)
+
+
+def render(folder: str | Path, out: str | Path | None = None, reference: str = BASELINE) -> Path:
+    """Write ``report.md`` and its figures; return the report's path.
+    ``reference`` labels the arm every other arm is compared with."""
     folder = Path(folder)
     out = Path(out) if out else folder / "report"
     (out / "figures").mkdir(parents=True, exist_ok=True)
     runs = load_runs(folder)
     lines = ["# Report", "",
-             f"{len(runs)} finished run(s) under `{folder}`. Accuracies in %, BWT and forgetting in "
-             "percentage points; mean ± std over seeds; n = number of seeds. Differences to Adam are paired by "
-             "seed, with a 95% Student-t confidence interval.", ""]
+             f"{len(runs)} finished run(s) under `{folder}`. ACC: average accuracy over all experiences at the "
+             "end; BWT: backward transfer; forgetting: best earlier accuracy minus the final one, averaged over "
+             "experiences; LA: learning accuracy, the accuracy on each experience right after learning it. "
+             "Accuracies in %, BWT and forgetting in percentage points (pp); mean ± std over seeds; n = number "
+             f"of seeds. Differences to the reference arm `{reference}` are paired by seed, with a 95% "
+             "Student-t confidence interval and a paired t-test p-value, Holm-adjusted over the arms of each "
+             "table.", ""]
     if not runs:
         lines.append("No finished runs (a run is finished when its folder holds metrics.json).")
     kinds = defaultdict(list)
@@ -125,25 +184,30 @@ def render(folder: str | Path, out: str | Path | None = None) -> Path:
     groups = _group_runs(runs)
     for index, ((bench, preset, strategy, _), by_policy) in enumerate(sorted(groups.items(), key=str)):
         same = sum(1 for (b, p, s, _) in groups if (b, p, s) == (bench, preset, strategy))
-        lines += _section(bench, preset, strategy, by_policy, out, suffix=f"-{index}" if same > 1 else "")
+        lines += _section(bench, preset, strategy, by_policy, out, suffix=f"-{index}" if same > 1 else "",
+                          reference=reference)
     report = out / "report.md"
     write_text(report, "\n".join(lines) + "\n")
     return report
 
 
-def _section(bench, preset, strategy, by_policy, out: Path, suffix: str = "") -> list[str]:
+def _section(bench, preset, strategy, by_policy, out: Path, suffix: str = "", reference: str = BASELINE) -> list[str]:
+    from .tuning import slug as safe
+
     first = next(iter(by_policy.values()))[0]
     cfg, m0 = first["config"], first["metrics"]
-    slug = f"{bench}-{preset}-{strategy}{suffix}"
-    lines = [f"## {bench}, preset `{preset}`, strategy `{strategy}`", "",
+    slug = safe(f"{bench}-{preset}-{strategy}{suffix}")
+    split = m0.get("eval_split", "test")
+    lines = [f"## {bench}, preset `{preset}`, strategy `{strategy}`"
+             + (" (VALIDATION data: tuning runs, not test results)" if split != "test" else ""), "",
              f"*Scenario:* {m0['scenario']}. *Protocol:* {first.get('protocol', '')}.", "",
              f"*Settings:* {cfg['n_experiences']} experiences, {cfg['epochs']} epoch(s) each, batch "
              f"{cfg['batch_size']}, model {cfg['model']} (width {cfg['width']}), "
              f"{'all' if not cfg['train_per_class'] else cfg['train_per_class']} training samples per class; "
              "optimizer settings per row below (defaults of `strategies.make_optimizer` unless given).", ""]
-    policies = _policy_order(by_policy)
+    policies = _policy_order(by_policy, reference)
     has_task_il = "task_il" in m0
-    header = ["optimizer / policy", "n", "lr", "seeds"] + [label for _, label, _ in METRICS]
+    header = ["optimizer / policy", "n", "lr", "tuned", "seeds"] + [label for _, label, _ in METRICS]
     if has_task_il:
         header.append("task-IL ACC (%)")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -151,7 +215,9 @@ def _section(bench, preset, strategy, by_policy, out: Path, suffix: str = "") ->
     for policy in policies:
         rs = by_policy[policy]
         settings = effective_settings(rs[0]["config"])
-        cells = [f"`{policy}`", str(len(rs)), f"{settings.get('lr', '')}",
+        tuned = sorted({k for r in rs for k in tuned_keys(r)})
+        cells = [f"`{policy}`", str(len(rs)), _values(rs, "lr"),
+                 ", ".join(f"{k}={_values(rs, k)}" for k in tuned) if tuned else "-",
                  ",".join(str(r["metrics"]["seed"]) for r in rs)]
         for key, _, scale in METRICS:
             vals = [scale * r["metrics"][key] for r in rs if r["metrics"][key] is not None]
@@ -173,48 +239,94 @@ def _section(bench, preset, strategy, by_policy, out: Path, suffix: str = "") ->
         lines.append("")
     else:
         lines += ["No published anchor has exactly this protocol, so none is shown.", ""]
-    lines += _paired(by_policy, policies)
+    lines += _paired(by_policy, policies, reference)
     lines += _figures(slug, by_policy, policies, out)
     return lines
 
 
-def _paired(by_policy, policies) -> list[str]:
-    lines = ["Paired difference to Adam at the same learning rate (same seeds), mean and 95% CI:", "",
+def _values(rs, key: str) -> str:
+    """The value of a setting over a row's runs (one value, or the distinct ones)."""
+    values = sorted({str(effective_settings(r["config"]).get(key, "")) for r in rs})
+    return values[0] if len(values) == 1 else "/".join(values)
+
+
+def paired_differences(by_policy, policies, reference: str = BASELINE) -> list[dict[str, Any]]:
+    """Per arm other than the reference: its reference row, the pairs, and for
+    each metric the mean difference, the 95% CI half-width, the paired
+    t-test p-value and its Holm adjustment over the arms (one family per metric)."""
+    rows = []
+    for policy in policies:
+        baseline = _baseline_for(policy, by_policy, reference)
+        if policy == baseline or (baseline is None and policy.split(" ")[0] == reference.split(" ")[0]):
+            continue
+        row: dict[str, Any] = {"policy": policy, "baseline": baseline, "pairs": 0, "metrics": {}}
+        if baseline is not None:
+            base = {r["metrics"]["seed"]: r["metrics"] for r in by_policy[baseline]}
+            pairs = [(r["metrics"], base[r["metrics"]["seed"]]) for r in by_policy[policy]
+                     if r["metrics"]["seed"] in base]
+            row["pairs"] = len(pairs)
+            for key, _, scale in METRICS:
+                diffs = [scale * (a[key] - b[key]) for a, b in pairs if a[key] is not None and b[key] is not None]
+                mean, half = t_interval(diffs) if diffs else (math.nan, math.nan)
+                row["metrics"][key] = {"mean": mean, "half": half, "n": len(diffs),
+                                       "p": paired_p(diffs) if diffs else math.nan}
+        rows.append(row)
+    for key, _, _ in METRICS:
+        with_key = [r for r in rows if key in r["metrics"]]
+        for r, adjusted in zip(with_key, holm([r["metrics"][key]["p"] for r in with_key])):
+            r["metrics"][key]["p_holm"] = adjusted
+    return rows
+
+
+def _p_text(p: float) -> str:
+    return "n/a" if math.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def _paired(by_policy, policies, reference: str = BASELINE) -> list[str]:
+    rows = paired_differences(by_policy, policies, reference)
+    if not rows:
+        return []
+    lines = [f"Paired difference to the reference arm `{reference}` (same seeds; untuned rows against the "
+             "reference at the same learning rate), mean, 95% CI and Holm-adjusted p-value (over the "
+             f"{len(rows)} arms of this table):", "",
              "| optimizer / policy | against | pairs | " + " | ".join(f"Δ {label}" for _, label, _ in METRICS) + " |",
              "|" + "---|" * (3 + len(METRICS))]
     verdicts = []
-    for policy in policies:
-        baseline = _baseline_for(policy, by_policy)
-        if policy.split(" ")[0] == BASELINE:
+    for row in rows:
+        if row["baseline"] is None:
+            lines.append(f"| `{row['policy']}` | no reference run with this lr | 0 |" + " n/a |" * len(METRICS))
             continue
-        if baseline is None:
-            lines.append(f"| `{policy}` | no Adam run with this lr | 0 |" + " n/a |" * len(METRICS))
-            continue
-        base = {r["metrics"]["seed"]: r["metrics"] for r in by_policy[baseline]}
-        pairs = [(r["metrics"], base[r["metrics"]["seed"]]) for r in by_policy[policy]
-                 if r["metrics"]["seed"] in base]
-        cells = [f"`{policy}`", f"`{baseline}`", str(len(pairs))]
-        for key, _, scale in METRICS:
-            diffs = [scale * (a[key] - b[key]) for a, b in pairs if a[key] is not None and b[key] is not None]
-            mean, half = t_interval(diffs) if diffs else (math.nan, math.nan)
-            cells.append(f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]" if not math.isnan(half)
-                         else (f"{mean:+.2f} (CI needs 2 seeds)" if not math.isnan(mean) else "n/a"))
-            if key == "acc" and not math.isnan(mean):
-                verdicts.append(_verdict(policy, mean, half, len(diffs)))
+        cells = [f"`{row['policy']}`", f"`{row['baseline']}`", str(row["pairs"])]
+        for key, _, _ in METRICS:
+            d = row["metrics"][key]
+            mean, half = d["mean"], d["half"]
+            if math.isnan(mean):
+                cells.append("n/a")
+            elif math.isnan(half):
+                cells.append(f"{mean:+.2f} (CI needs 2 seeds)")
+            else:
+                cells.append(f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] p={_p_text(d['p_holm'])}")
         lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""] + verdicts + [""]
+        acc = row["metrics"]["acc"]
+        if not math.isnan(acc["mean"]):
+            verdicts.append(_verdict(row["policy"], acc["mean"], acc["half"], acc["n"], acc["p_holm"],
+                                     row["baseline"]))
+    return lines + ["", "ACC against the reference (Holm-adjusted over the arms, 5% level):", ""] + verdicts + [""]
 
 
-def _verdict(policy: str, mean: float, half: float, n: int) -> str:
+def _verdict(policy: str, mean: float, half: float, n: int, p_holm: float = math.nan,
+             baseline: str = BASELINE) -> str:
     if math.isnan(half):
-        return f"- `{policy}`: ACC {mean:+.2f} pp against Adam from {n} seed; no interval with one seed."
+        return f"- `{policy}`: ACC {mean:+.2f} pp against `{baseline}` from {n} seed; no interval with one seed."
     lo, hi = mean - half, mean + half
-    if lo > 0:
-        word = "higher than Adam's: the whole 95% interval is above zero"
-    elif hi < 0:
-        word = "lower than Adam's: the whole 95% interval is below zero"
+    survives = not math.isnan(p_holm) and p_holm < 0.05
+    if survives and mean > 0:
+        word = f"higher than `{baseline}`'s; survives the Holm adjustment (p = {_p_text(p_holm)})"
+    elif survives and mean < 0:
+        word = f"lower than `{baseline}`'s; survives the Holm adjustment (p = {_p_text(p_holm)})"
     else:
-        word = "not distinguishable from Adam's: the 95% interval contains zero"
+        word = (f"not distinguishable from `{baseline}`'s after the Holm adjustment (p = {_p_text(p_holm)}"
+                + ("; the unadjusted 95% interval excludes zero)" if lo > 0 or hi < 0 else ")"))
     return f"- `{policy}`: ACC {mean:+.2f} pp [{lo:+.2f}, {hi:+.2f}] over {n} seeds, {word}."
 
 
@@ -321,6 +433,28 @@ def _figures(slug: str, by_policy, policies, out: Path) -> list[str]:
                            facet_kws={"sharey": False}, marker="o")
         grid.figure.suptitle("Buffer statistics at the end of each experience", y=1.03, fontsize=10)
         save(grid.figure, "buffer-stats")
+
+    # distance travelled against forgetting (Mirzadeh et al. 2020)
+    rows = []
+    for policy in policies:
+        for r in by_policy[policy]:
+            m = r["metrics"]
+            per_exp, init = m.get("distance_per_experience"), m.get("distance_from_init")
+            if not per_exp or any(v is None for v in per_exp) or not init or init[-1] is None:
+                continue
+            rows.append({"policy": policy, "forgetting (pp)": 100 * (m["forgetting"] or 0.0),
+                         "mean distance per experience": float(np.mean(per_exp)),
+                         "distance from initialisation at the end": init[-1]})
+    if rows:
+        df = pd.DataFrame(rows)
+        fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8), sharey=True)
+        for ax, x in zip(axes, ("mean distance per experience", "distance from initialisation at the end")):
+            sns.scatterplot(data=df, x=x, y="forgetting (pp)", hue="policy", hue_order=policies, palette=palette,
+                            ax=ax, legend=ax is axes[-1])
+            ax.set_xlabel(x + " (‖Δθ‖₂)")
+        axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig.suptitle("Distance travelled in parameter space against forgetting (dots: seeds)", fontsize=10)
+        save(fig, "distance-vs-forgetting")
 
     # sharpness against forgetting
     rows = []

@@ -47,7 +47,8 @@ def environment() -> dict[str, Any]:
 
 
 def managed_run(out: str | Path, settings: dict[str, Any], runtime_keys, protocol: str,
-                train: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+                train: Callable[[Path], dict[str, Any]], provenance: dict[str, str] | None = None
+                ) -> tuple[dict[str, Any], bool]:
     """Run ``train(out)`` in the folder ``out`` unless it is finished; return
     (metrics, whether they were computed now).
 
@@ -84,7 +85,10 @@ def managed_run(out: str | Path, settings: dict[str, Any], runtime_keys, protoco
         if finished[0] is not None:
             return finished[0], False
         if not saved.exists():
-            write_json(saved, {"config": settings, "environment": environment(), "protocol": protocol})
+            record = {"config": settings, "environment": environment(), "protocol": protocol}
+            if provenance:
+                record["provenance"] = provenance  # where each setting came from: given, preset, default, tuned
+            write_json(saved, record)
         metrics = train(out)
         write_json(out / "metrics.json", metrics)
         for leftover in out.glob("checkpoint.*"):

@@ -49,6 +49,7 @@ for _name, _module in list(sys.modules.items()):
 ACC_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
 TASK_IL_KEY = re.compile(r"^Top1_TaskIL_Acc_Exp/eval_phase/test_stream/Exp(\d+)$")
 BUFFER_KEY = re.compile(r"^Buffer_(\w+)/train_phase/train_stream/Exp(\d+)$")
+DISTANCE_KEY = re.compile(r"^Distance_(experience|init)/train_phase/train_stream/Exp(\d+)$")
 
 
 class TaskILAccuracy(PluginMetric):
@@ -116,9 +117,12 @@ def run(cfg: C.RunConfig, *, quiet: bool = False) -> dict[str, Any]:
     cfg = C.resolve(cfg)
     if cfg.threads:  # before config.json records the environment
         torch.set_num_threads(cfg.threads)
+    from .tuning import tuned_keys
+
     metrics, _ = managed_run(cfg.out, cfg.to_dict(), C.RUNTIME_FIELDS,
                              C.protocol(cfg.benchmark, cfg.preset)["_description"],
-                             lambda out: _train(cfg, out, quiet))
+                             lambda out: _train(cfg, out, quiet),
+                             provenance=C.provenance(cfg, tuned_keys(cfg)))
     if not quiet and rank_and_world()[0] == 0:
         print(render_summary(metrics, cfg))
     return metrics
@@ -130,8 +134,8 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
     from avalanche.training.determinism.rng_manager import RNGManager
     from avalanche.training.plugins import EvaluationPlugin
 
-    from strategies import (BufferStatsMetric, CriticalMomentaPlugin, DataParallelPlugin,
-                            avalanche_as_single_process, make_optimizer, make_strategy)
+    from strategies import (BufferStatsMetric, CriticalMomentaPlugin, DataParallelPlugin, ParameterDistanceMetric,
+                            ResetMomentsPlugin, avalanche_as_single_process, make_optimizer, make_strategy)
 
     from .data import build_benchmark, build_model
     from .io import atomic_write
@@ -145,13 +149,15 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
     bench = build_benchmark(cfg)
     model = build_model(cfg, bench)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), **C.optimizer_kwargs(cfg))
-    plugins = [ProgressBars(cfg.progress and not quiet, cfg.n_experiences)]
+    plugins = [ProgressBars(cfg.progress and not quiet, bench.n_experiences)]
     if cfg.optimizer in C.BUFFERED_OPTIMIZERS:
         plugins.insert(0, CriticalMomentaPlugin(cfg.boundary, cfg.factor, cfg.min_size, cfg.kappa_schedule,
-                                                cfg.kappa_start, cfg.kappa_end, cfg.reset_moments))
+                                                cfg.kappa_start, cfg.kappa_end))
+    if cfg.reset_moments:
+        plugins.insert(0, ResetMomentsPlugin())
     if world > 1:  # torchrun: every global batch split across the ranks, gradients summed
         plugins.insert(0, DataParallelPlugin())
-    metrics = [accuracy_metrics(experience=True), BufferStatsMetric(every="epoch")]
+    metrics = [accuracy_metrics(experience=True), BufferStatsMetric(every="epoch"), ParameterDistanceMetric()]
     if bench.task_il_by_masking:
         metrics.append(TaskILAccuracy())
     with warnings.catch_warnings():  # "No loggers specified": the runner reads the metrics itself
@@ -167,15 +173,15 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
         progress = getattr(strategy, "cl_cm_progress", None) or {"accuracy": [], "accuracy_task_il": [],
                                                                    "train_seconds": [], "sharpness": []}
         scenario = bench.scenario
-        for k in range(start, cfg.n_experiences):
+        for k in range(start, bench.n_experiences):
             t0 = time.perf_counter()
             strategy.train(scenario.train_stream[k], eval_streams=[],
                            reset_optimizer_state=cfg.reset_optimizer_state)
             progress["train_seconds"].append(time.perf_counter() - t0)
             results = strategy.eval(scenario.test_stream)
-            progress["accuracy"].append(_row(results, ACC_KEY, cfg.n_experiences))
+            progress["accuracy"].append(_row(results, ACC_KEY, bench.n_experiences))
             if bench.task_il_by_masking:
-                progress["accuracy_task_il"].append(_row(results, TASK_IL_KEY, cfg.n_experiences))
+                progress["accuracy_task_il"].append(_row(results, TASK_IL_KEY, bench.n_experiences))
             if cfg.sharpness:
                 progress["sharpness"].append(_sharpness_row(cfg, strategy, scenario, k))
             strategy.cl_cm_progress = progress
@@ -236,7 +242,7 @@ def _sharpness_row(cfg, strategy, scenario, k: int) -> list[float | None]:
     """λ_max of the loss on a fixed sample of each experience seen so far
     (None for the ones not seen yet)."""
     return [_experience_sharpness(cfg, strategy, scenario.train_stream[i]) if i <= k else None
-            for i in range(cfg.n_experiences)]
+            for i in range(len(scenario.train_stream))]
 
 
 def _experience_sharpness(cfg, strategy, experience) -> float:
@@ -275,7 +281,7 @@ def _collect(cfg: C.RunConfig, bench, progress: dict, evaluator) -> dict[str, An
     r = progress["accuracy"]
     out: dict[str, Any] = {"benchmark": cfg.benchmark, "scenario": bench.scenario_kind, "preset": cfg.preset,
                            "strategy": cfg.strategy, "optimizer": cfg.optimizer, "policy": C.policy_label(cfg),
-                           "seed": cfg.seed, "n_experiences": cfg.n_experiences,
+                           "seed": cfg.seed, "n_experiences": bench.n_experiences, "eval_split": bench.eval_split,
                            "accuracy_matrix": r, **M.summary(r),
                            "train_seconds_per_experience": progress["train_seconds"],
                            "train_seconds": sum(progress["train_seconds"])}
@@ -285,12 +291,18 @@ def _collect(cfg: C.RunConfig, bench, progress: dict, evaluator) -> dict[str, An
         out["sharpness_matrix"] = progress["sharpness"]
     series: dict[str, list] = {}
     per_exp: dict[str, list] = {}
+    distance: dict[str, list] = {"experience": [None] * bench.n_experiences, "init": [None] * bench.n_experiences}
     for name, (xs, values) in sorted(evaluator.get_all_metrics().items()):
         match = BUFFER_KEY.match(name)
         if match:
             key, exp = match.group(1), int(match.group(2))
             series.setdefault(key, []).extend([[x, exp, v] for x, v in zip(xs, values)])
-            per_exp.setdefault(key, [None] * cfg.n_experiences)[exp] = values[-1]
+            per_exp.setdefault(key, [None] * bench.n_experiences)[exp] = values[-1]
+        match = DISTANCE_KEY.match(name)
+        if match:
+            distance[match.group(1)][int(match.group(2))] = values[-1]
+    out["distance_per_experience"] = distance["experience"]
+    out["distance_from_init"] = distance["init"]
     if series:
         out["buffer_stats"] = {"per_experience": per_exp, "series": series,
                                "series_columns": ["iteration", "experience", "value"]}

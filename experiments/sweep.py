@@ -55,29 +55,46 @@ def parse_policy(text: str) -> dict[str, Any]:
 
 
 def cell_folder(out: str | Path, cfg: C.RunConfig, varied: list[str]) -> Path:
-    """Folder of one cell; grid keys other than the usual ones are named in it."""
-    usual = {"optimizer", "strategy", "boundary", "seed", "benchmark", "preset", "factor", "min_size"}
+    """Folder of one cell; grid keys other than the usual ones are named in it.
+    Every part is made a safe file name (no path separators, no ``..``)."""
+    from .tuning import slug
+
+    usual = {"optimizer", "strategy", "boundary", "seed", "benchmark", "preset", "factor", "min_size", "scenario",
+             "reset_moments", "kappa_schedule"}
     extra = "".join(f"-{k}{getattr(cfg, k)}" for k in varied if k not in usual)
-    return (Path(out) / f"{cfg.benchmark}-{cfg.preset}" / cfg.strategy /
-            (C.policy_label(cfg).replace("/", "-") + extra) / f"seed{cfg.seed}")
+    return (Path(out) / slug(f"{C.bench_label(cfg)}-{cfg.preset}") / slug(cfg.strategy) /
+            slug(C.policy_label(cfg).replace("/", "-") + extra) / f"seed{int(cfg.seed)}")
 
 
 def expand(spec: dict[str, Any], out: str | Path, overrides: dict[str, Any] | None = None) -> list[C.RunConfig]:
     """The resolved RunConfigs of a sweep spec, without duplicates."""
     C.check_keys(spec, "the sweep file", allowed=("sweep", "base", "grid"))
     C.check_keys(spec.get("sweep", {}), "[sweep]", allowed=("out", "jobs"))
-    base = C.from_mapping({**spec.get("base", {}), **(overrides or {})}, "[base]")
-    grids = spec.get("grid", {})
     cells, seen = [], set()
-    for grid in (grids if isinstance(grids, list) else [grids]):
-        for cell in _expand_grid(base, dict(grid), out):
+    for grid_cells, grid in expand_grids(spec, overrides):
+        for cell in grid_cells:
+            cell = dataclasses.replace(cell, out=str(cell_folder(out, cell, list(grid))))
             if cell.out not in seen:
                 seen.add(cell.out)
                 cells.append(cell)
     return cells
 
 
-def _expand_grid(base: C.RunConfig, grid: dict[str, Any], out) -> list[C.RunConfig]:
+def expand_grids(spec: dict[str, Any], overrides: dict[str, Any] | None = None, with_space: bool = False):
+    """For each ``[grid]`` table (or each of ``[[grid]]``): its resolved cells
+    and the table. ``with_space`` lets a table carry a ``space`` sub-table (tune files)."""
+    base = C.from_mapping({**spec.get("base", {}), **(overrides or {})}, "[base]")
+    grids = spec.get("grid", {})
+    for grid in (grids if isinstance(grids, list) else [grids]):
+        if not isinstance(grid, dict):
+            raise C.ConfigError(f"[grid] must be a table of lists, got {grid!r}")
+        grid = dict(grid)
+        if with_space:
+            grid.pop("space", None)
+        yield _expand_grid(base, dict(grid)), grid
+
+
+def _expand_grid(base: C.RunConfig, grid: dict[str, Any]) -> list[C.RunConfig]:
     C.check_keys(grid, "[grid]")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
@@ -88,8 +105,7 @@ def _expand_grid(base: C.RunConfig, grid: dict[str, Any], out) -> list[C.RunConf
     for combo in itertools.product(*(grid[k] for k in keys)):
         cfg = dataclasses.replace(base, **dict(zip(keys, combo)))
         for policy in (policies if cfg.optimizer in C.BUFFERED_OPTIMIZERS else [{}]):
-            cell = C.resolve(dataclasses.replace(cfg, **policy))
-            cells.append(dataclasses.replace(cell, out=str(cell_folder(out, cell, keys))))
+            cells.append(C.resolve(dataclasses.replace(cfg, **policy)))
     return cells
 
 

@@ -6,11 +6,12 @@ from .critical_momenta import BOUNDARIES, KAPPA_SCHEDULES, CriticalMomentaPlugin
 from .data_parallel import DataParallelPlugin, avalanche_as_single_process
 from .factory import (COMMON_STRATEGY_ARGS, OPTIMIZERS, STRATEGIES, make_optimizer, make_strategy,
                       optimizer_options, strategy_options)
-from .metrics import BUFFER_STAT_KEYS, BufferStatsMetric, buffer_metrics
+from .metrics import BUFFER_STAT_KEYS, BufferStatsMetric, ParameterDistanceMetric, buffer_metrics
+from .moments import ResetMomentsPlugin, reset_moments
 from .sam import SAMPlugin
 
 __all__ = [
-    "CriticalMomentaPlugin", "SAMPlugin", "DataParallelPlugin", "avalanche_as_single_process", "BufferStatsMetric", "buffer_metrics", "make_strategy",
+    "CriticalMomentaPlugin", "SAMPlugin", "ResetMomentsPlugin", "reset_moments", "ParameterDistanceMetric", "DataParallelPlugin", "avalanche_as_single_process", "BufferStatsMetric", "buffer_metrics", "make_strategy",
     "make_optimizer", "optimizer_options", "strategy_options", "kappa_at", "buffered_optimizer",
     "BOUNDARIES", "KAPPA_SCHEDULES", "BUFFER_STAT_KEYS", "OPTIMIZERS", "STRATEGIES", "COMMON_STRATEGY_ARGS",
 ]

@@ -75,3 +75,52 @@ class BufferStatsMetric(PluginMetric):
 def buffer_metrics(every: str = "epoch", keys=BUFFER_STAT_KEYS) -> list[PluginMetric]:
     """The buffer metrics, for ``EvaluationPlugin(*buffer_metrics(), ...)``."""
     return [BufferStatsMetric(every=every, keys=keys)]
+
+
+class ParameterDistanceMetric(PluginMetric):
+    """How far training moves the parameters: after each experience k,
+    ``Distance_experience`` = ‖θ_k − θ_{k−1}‖₂ (from the start of the
+    experience) and ``Distance_init`` = ‖θ_k − θ_0‖₂ (from initialisation),
+    over all parameters. A parameter created during training (a new head)
+    counts from its value when it first appears. The distance travelled per
+    task is the quantity Mirzadeh et al. (2020, "Understanding the Role of
+    Training Regimes in Continual Learning", Sec. 3) relate to forgetting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._init: dict[str, object] = {}
+        self._start: dict[str, object] = {}
+        self._last: dict[str, float] = {}
+
+    def reset(self) -> None:
+        self._last = {}
+
+    def result(self) -> dict[str, float]:
+        return dict(self._last)
+
+    def before_training_exp(self, strategy):
+        params = {name: p.detach().clone() for name, p in strategy.model.named_parameters()}
+        for name, value in params.items():
+            self._init.setdefault(name, value)
+        self._start = params
+        return None
+
+    def after_training_exp(self, strategy):
+        import torch
+
+        per_exp = init = torch.zeros((), dtype=torch.float64)
+        for name, p in strategy.model.named_parameters():
+            now = p.detach().double()
+            start = self._start.get(name, self._init.get(name))
+            first = self._init.get(name, start)
+            if start is not None:
+                per_exp = per_exp + (now - start.double()).pow(2).sum()
+            if first is not None:
+                init = init + (now - first.double()).pow(2).sum()
+        self._last = {"experience": float(per_exp.sqrt()), "init": float(init.sqrt())}
+        x = strategy.clock.train_iterations
+        return [MetricValue(self, get_metric_name(f"Distance_{k}", strategy, add_experience=True, add_task=False),
+                            v, x) for k, v in self._last.items()]
+
+    def __str__(self) -> str:
+        return "ParameterDistance"

@@ -231,7 +231,7 @@ def test_sweep_in_parallel_processes_and_skips_done_cells(tmp_path, data_root, c
 
 # ------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("argv,message", [
-    (["--benchmark", "split_mnist"], "invalid choice"),
+    (["--benchmark", "split_fashion"], "invalid choice"),
     (["--optimizer", "adamw"], "invalid choice"),
 ])
 def test_unknown_names_on_the_command_line(argv, message, capsys):
@@ -328,7 +328,7 @@ def test_report_renders_from_a_folder_of_fake_runs(tmp_path, capsys):
     assert "6 finished run(s)" in report
     assert "| `adam` | 3 |" in report and "| `adam_cm/keep` | 3 |" in report
     # paired difference in ACC: shift 0.05..0.07 on two of three entries of the last row
-    assert "+4.00 [" in report and "higher than Adam's" in report
+    assert "+4.00 [" in report and "higher than `adam`'s; survives the Holm adjustment" in report
     for name in ("accuracy-matrix", "task-curves", "forgetting", "acc-vs-forgetting", "buffer-stats",
                  "sharpness-vs-forgetting"):
         png = runs / "report" / "figures" / f"permuted_mnist-smoke-naive-{name}.png"
