@@ -53,6 +53,19 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--data-root", help="overrides [base] data_root")
     tune.add_argument("--device", help="overrides [base] device")
 
+    study = sub.add_parser("study", help="tune every arm on validation data, then run it on the test data, for a "
+                                         "folder of study files (resumable)",
+                           description=__import__("experiments.study", fromlist=["x"]).__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    study.add_argument("target", nargs="?", default="experiments/studies",
+                       help="a study file or a folder of them (default: experiments/studies)")
+    study.add_argument("--out", default="runs/study", help="results folder (default: runs/study)")
+    study.add_argument("--jobs", type=int, default=1, help="parallel processes (default: 1)")
+    study.add_argument("--quick", action="store_true", help="only the arms each study lists as quick")
+    study.add_argument("--data-root", help="overrides [base] data_root")
+    study.add_argument("--device", help="overrides [base] device")
+    study.add_argument("--dry-run", action="store_true", help="list the studies and their arms, and exit")
+
     from .supervised import SupervisedConfig
     from .toy import LANDSCAPES, TOY_OPTIMIZERS
 
@@ -106,6 +119,17 @@ def main(argv=None) -> int:
                     run(C.from_args(args))
                     return 0
                 return _sweep(args) if args.command == "sweep" else _supervised(args)
+        elif args.command == "study":
+            from .study import describe, run_study
+
+            overrides = {k: v for k, v in (("data_root", args.data_root), ("device", args.device)) if v}
+            if args.dry_run:
+                print("\n".join(describe(args.target, overrides, args.quick, args.out)))
+                return 0
+            summary = run_study(args.target, args.out, args.jobs, args.quick, overrides)
+            print(f"study: {sum(s['runs'] for s in summary['studies'])} reported runs, "
+                  f"{summary['runs_failed']} failed, {summary['seconds'] / 60:.1f} min")
+            return 1 if summary["runs_failed"] else 0
         elif args.command == "tune":
             from .tuning import tune
 

@@ -88,10 +88,10 @@ def expand_grids(spec: dict[str, Any], overrides: dict[str, Any] | None = None, 
     for grid in (grids if isinstance(grids, list) else [grids]):
         if not isinstance(grid, dict):
             raise C.ConfigError(f"[grid] must be a table of lists, got {grid!r}")
-        grid = dict(grid)
+        cells = dict(grid)
         if with_space:
-            grid.pop("space", None)
-        yield _expand_grid(base, dict(grid)), grid
+            cells.pop("space", None)
+        yield _expand_grid(base, cells), grid
 
 
 def _expand_grid(base: C.RunConfig, grid: dict[str, Any]) -> list[C.RunConfig]:

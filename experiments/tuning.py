@@ -144,12 +144,14 @@ def _applies(cfg: C.RunConfig, key: str, value) -> bool:
     return True
 
 
-def load_spec(path: str | Path, overrides: dict[str, Any] | None = None, trials: int | None = None,
+def load_spec(path: str | Path | dict, overrides: dict[str, Any] | None = None, trials: int | None = None,
               out: str | None = None, jobs: int | None = None) -> TuneSpec:
-    """Read and check a tune file; raises :class:`ConfigError` before anything is written."""
+    """Read and check a tune file (or its parsed contents); raises
+    :class:`ConfigError` before anything is written."""
     from .sweep import expand_grids
 
-    spec = C.load_file(path)
+    spec = path if isinstance(path, dict) else C.load_file(path)
+    path = "tune" if isinstance(path, dict) else path
     C.check_keys(spec, "the tune file", allowed=("tune", "base", "grid", "space"))
     settings = spec.get("tune", {})
     C.check_keys(settings, "[tune]", allowed=("out", "jobs", "seeds", "trials", "validation", "validation_tasks",

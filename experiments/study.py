@@ -1,0 +1,192 @@
+"""``cl-cm study``: tune every arm on validation data, then run it on the test
+data with its chosen settings, for a folder of study files, resumable.
+
+A study file is a tune file (see :mod:`experiments.tuning`: ``[tune]``,
+``[base]``, ``[grid]``, ``[space]``) with a ``[study]`` table::
+
+    [study]
+    name = "permuted_mnist_online"     # its folder under --out
+    seeds = [0, 1, 2, 3, 4]            # the reported seeds (paired across arms)
+    quick = ["adam", "adam_cm/keep"]   # arms (run labels) of the --quick subset
+
+    # optional: arms taken from another study of the folder, by validation score
+    best_of = { study = "permuted_mnist_cpu", optimizer = ["adam_cm"], top = 3 }
+
+Files run in the order of their names. For each: ``cl-cm tune`` writes
+``OUT/tuning/<name>/tuned.toml``; the reporting sweep (each arm × the reported
+seeds, every run with its arm's chosen settings) writes
+``OUT/results/<name>/``; ``cl-cm report OUT/results`` is the report.
+``--quick`` runs only the arms listed in ``quick`` (with the very same tuning
+grids and seeds, so their numbers are those of the full study). Running the
+command again resumes: finished trials and runs are read, unfinished ones
+resumed from their checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from . import config as C
+
+
+def study_files(target: str | Path) -> list[Path]:
+    """The study files of a folder (sorted by name), or one file."""
+    target = Path(target)
+    if target.is_dir():
+        files = sorted(p for p in target.iterdir() if p.suffix in (".toml", ".json"))
+        if not files:
+            raise C.ConfigError(f"{target} holds no study files (*.toml)")
+        return files
+    if not target.exists():
+        raise C.ConfigError(f"{target} does not exist; give a study file or a folder of them")
+    return [target]
+
+
+def _settings(path: Path) -> dict[str, Any]:
+    spec = C.load_file(path)
+    study = spec.get("study", {})
+    C.check_keys(study, f"[study] of {path}", allowed=("name", "seeds", "quick", "best_of"))
+    if "name" not in study:
+        raise C.ConfigError(f"{path}: [study] needs a name (its folder)")
+    seeds = study.get("seeds", [0, 1, 2, 3, 4])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise C.ConfigError(f"{path}: [study] seeds must be a non-empty list of integers >= 0")
+    return {"spec": spec, "name": str(study["name"]), "seeds": seeds, "quick": study.get("quick"),
+            "best_of": study.get("best_of")}
+
+
+def arm_grid(cfg: C.RunConfig, base: dict[str, Any]) -> dict[str, list]:
+    """A one-cell grid table for the arm ``cfg``: every arm setting that differs
+    from ``base`` (the file's [base]), boundary policy written policy[:factor[:min_size]]."""
+    from .tuning import NOT_ARM
+
+    skip = {*NOT_ARM, *C.PROTOCOL_FIELDS, "boundary", "factor", "min_size"}
+    plain = C.from_mapping(base, "[base]")
+    grid = {f.name: [getattr(cfg, f.name)] for f in dataclasses.fields(cfg)
+            if f.name not in skip and getattr(cfg, f.name) != getattr(plain, f.name)}
+    if cfg.optimizer in C.BUFFERED_OPTIMIZERS:
+        grid["boundary"] = [cfg.boundary + (f":{cfg.factor:g}" if cfg.factor is not None else "")
+                            + (f":{cfg.min_size}" if cfg.min_size else "")]
+    return grid
+
+
+def _tune_spec(info: dict[str, Any], out: Path, quick: bool, overrides) -> dict[str, Any]:
+    """The tune file of a study: its own arms, plus those chosen from another
+    study by validation score (``best_of``), restricted to the quick arms with
+    ``--quick``; one [[grid]] table per arm, each with its whole search space."""
+    from .tuning import load_spec, load_tuned
+
+    spec = {k: v for k, v in info["spec"].items() if k != "study"}
+    base = spec.get("base", {})
+    arms = load_spec(spec, overrides).arms
+    best = info["best_of"]
+    if best:
+        C.check_keys(best, "[study] best_of", allowed=("study", "optimizer", "top"))
+        source = out / "tuning" / best["study"] / "tuned.toml"
+        ranked = sorted((a for a in load_tuned(source)
+                         if a["settings"]["optimizer"] in best.get("optimizer", C.BUFFERED_OPTIMIZERS)),
+                        key=lambda a: -a["validation_acc"])
+        strategies = sorted({a.cfg.strategy for a in arms})
+        space = arms[0].space
+        extra = []
+        for chosen in ranked[: best.get("top", 3)]:
+            settings = {k: v for k, v in chosen["settings"].items() if k not in C.PROTOCOL_FIELDS}
+            cfg = C.from_mapping({**base, **settings, "strategy": strategies[0]}, "best_of")
+            extra.append({**arm_grid(cfg, base), "strategy": strategies, "space": space})
+        arms += load_spec({**spec, "space": {}, "grid": extra}, overrides).arms
+    if quick:
+        arms = [a for a in arms if C.run_label(a.cfg) in info["quick"]]
+        if not arms:
+            raise C.ConfigError(f"{info['name']}: none of the quick arms {info['quick']} is an arm of the study")
+    return {**{k: v for k, v in spec.items() if k not in ("grid", "space")},
+            "grid": [{**arm_grid(a.cfg, base), "space": a.space} for a in arms]}
+
+
+def _labels(spec: dict[str, Any], overrides) -> list[str]:
+    from .sweep import expand_grids
+
+    return [C.run_label(c) for cells, _ in expand_grids(spec, overrides, with_space=True) for c in cells]
+
+
+def run_study(target: str | Path, out: str | Path = "runs/study", jobs: int = 1, quick: bool = False,
+              overrides: dict[str, Any] | None = None, report: bool = True) -> dict[str, Any]:
+    """Tune, then run, every study file of ``target``; returns a summary."""
+    from .io import write_text
+    from .sweep import run_sweep
+    from .tuning import _toml, tune
+
+    out = Path(out)
+    files = study_files(target)
+    infos = [_settings(p) for p in files]
+    names = [i["name"] for i in infos]
+    if len(set(names)) != len(names):
+        raise C.ConfigError(f"study names must differ: {names}")
+    if quick and not any(i["quick"] for i in infos):
+        raise C.ConfigError("no study file lists quick arms ([study] quick = [...])")
+    started = time.perf_counter()
+    summary: dict[str, Any] = {"studies": [], "runs_failed": 0}
+    for info, path in zip(infos, files):
+        if quick and not info["quick"]:
+            continue
+        spec = _tune_spec(info, out, quick, overrides)
+        tune_dir = out / "tuning" / info["name"]
+        tune_file = tune_dir / "study-tune.toml"
+        tune_dir.mkdir(parents=True, exist_ok=True)
+        write_text(tune_file, _spec_toml(spec, _toml))
+        print(f"study {info['name']}: tuning ({path})", flush=True)
+        tuned = tune(tune_file, out=str(tune_dir), jobs=jobs, overrides=overrides)
+        sweep = {"base": {**spec.get("base", {}), "tuned": str(tuned)},
+                 "grid": [{**{k: v for k, v in g.items() if k != "space"}, "seed": info["seeds"]}
+                          for g in spec["grid"]]}
+        print(f"study {info['name']}: {len(info['seeds'])} seeds per arm on the test data", flush=True)
+        statuses = run_sweep(sweep, out / "results" / info["name"], jobs, overrides, progress=True)
+        failed = [k for k, v in statuses.items() if v.startswith("failed")]
+        summary["studies"].append({"name": info["name"], "runs": len(statuses), "failed": failed})
+        summary["runs_failed"] += len(failed)
+        for folder in failed:
+            print(f"  failed: {folder} (see error.txt)", flush=True)
+    summary["seconds"] = time.perf_counter() - started
+    if report and (out / "results").is_dir():
+        from .report import render
+
+        summary["report"] = str(render(out / "results"))
+        print(f"report: {summary['report']}", flush=True)
+    return summary
+
+
+def _spec_toml(spec: dict[str, Any], toml) -> str:
+    """A tune spec as a TOML file (tables of scalars and lists; [[grid]] with [grid.space])."""
+    lines = []
+    for table in ("tune", "base", "space"):
+        if spec.get(table):
+            lines.append(f"[{table}]")
+            lines += [f"{k} = {toml(v)}" for k, v in spec[table].items()]
+            lines.append("")
+    for grid in spec["grid"]:
+        lines.append("[[grid]]")
+        lines += [f"{k} = {toml(v)}" for k, v in grid.items() if k != "space"]
+        if grid.get("space"):
+            lines.append("[grid.space]")
+            lines += [f"{k} = {toml(v)}" for k, v in grid["space"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def describe(target: str | Path, overrides=None, quick: bool = False, out: str | Path = "runs/study") -> list[str]:
+    """One line per study file: its arms and runs (for --dry-run)."""
+    lines = []
+    for info in (_settings(p) for p in study_files(target)):
+        if quick and not info["quick"]:
+            continue
+        spec = {k: v for k, v in info["spec"].items() if k != "study"}
+        labels = _labels(spec, overrides)
+        if quick:
+            labels = [label for label in labels if label in info["quick"]]
+        extra = f" + top {info['best_of'].get('top', 3)} of {info['best_of']['study']}" if info["best_of"] else ""
+        lines.append(f"{info['name']}: {len(labels)} arm(s){extra} x {len(info['seeds'])} seeds: {', '.join(labels)}")
+    return lines
+
+
+__all__ = ["run_study", "study_files", "describe"]

@@ -1,0 +1,82 @@
+"""cl-cm study: tuning then reporting runs for a folder of study files, arms
+chosen from another study by validation score, and the --quick subset."""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from experiments.cli import main as cli
+from experiments.io import read_json
+
+from .fakedata import write_mnist
+
+STUDY = """
+[study]
+name = "{name}"
+seeds = [0, 1]
+{extra}
+[tune]
+seeds = [7]
+[base]
+benchmark = "permuted_mnist"
+preset = "smoke"
+data_root = "{root}"
+download = false
+threads = 1
+strategy = "{strategy}"
+{base}
+"""
+
+NAIVE_ARMS = """
+[[grid]]
+optimizer = ["adam"]
+[grid.space]
+lr = [0.0003, 0.003]
+[[grid]]
+optimizer = ["adam_cm"]
+boundary = ["keep", "reset"]
+[grid.space]
+lr = [0.0001, 0.001]
+"""
+
+
+def test_a_study_tunes_then_reports_and_its_quick_subset_gives_the_same_numbers(tmp_path, capsys):
+    root = write_mnist(tmp_path / "data", n_train=300, n_test=100)
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (studies / "10_naive.toml").write_text(
+        STUDY.format(name="naive", extra='quick = ["adam", "adam_cm/reset"]', root=root, strategy="naive", base="")
+        + NAIVE_ARMS)
+    (studies / "20_ewc.toml").write_text(
+        STUDY.format(name="ewc", extra='best_of = { study = "naive", optimizer = ["adam_cm"], top = 1 }', root=root,
+                     strategy="ewc", base="ewc_lambda = 10.0")
+        + '[[grid]]\noptimizer = ["adam"]\n[grid.space]\nlr = [0.0003, 0.003]\n')
+    assert cli(["study", str(studies), "--dry-run"]) == 0
+    assert "naive: 3 arm(s)" in capsys.readouterr().out
+    out = tmp_path / "full"
+    assert cli(["study", str(studies), "--out", str(out)]) == 0
+    tuned = tomllib.loads((out / "tuning" / "naive" / "tuned.toml").read_text())
+    best_cm = max((a for a in tuned["arm"] if "adam_cm" in a["label"]), key=lambda a: a["validation_acc"])
+    ewc = tomllib.loads((out / "tuning" / "ewc" / "tuned.toml").read_text())
+    labels = sorted(a["label"].split(" ", 3)[3] for a in ewc["arm"])
+    policy = best_cm["settings"]["boundary"]
+    assert labels == sorted(["adam ewc_lambda=10", f"adam_cm/{policy} ewc_lambda=10"])
+    metrics = sorted((out / "results").rglob("metrics.json"))
+    assert len(metrics) == 2 * 3 + 2 * 2 and all(read_json(m)["eval_split"] == "test" for m in metrics)
+    assert (out / "results" / "report" / "report.md").exists()
+    # the quick subset: the same grids and seeds for its arms, hence the same numbers
+    quick = tmp_path / "quick"
+    assert cli(["study", str(studies), "--out", str(quick), "--quick"]) == 0
+    got = sorted(p.relative_to(quick / "results") for p in (quick / "results").rglob("metrics.json"))
+    assert [str(p).split("/")[3] for p in got] == ["adam", "adam", "adam_cm-reset", "adam_cm-reset"]
+    for rel in got:
+        assert read_json(quick / "results" / rel)["accuracy_matrix"] == read_json(out / "results" / rel)["accuracy_matrix"]
+
+
+def test_a_study_folder_without_files_or_names_is_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli(["study", str(tmp_path / "empty")]) == 2
+    assert "holds no study files" in capsys.readouterr().err
+    (tmp_path / "x.toml").write_text("[study]\nseeds = [0]\n")
+    assert cli(["study", str(tmp_path / "x.toml"), "--out", str(tmp_path / "o")]) == 2
+    assert "[study] needs a name" in capsys.readouterr().err and not (tmp_path / "o").exists()
