@@ -556,13 +556,34 @@ def write_tuned(spec: TuneSpec, storage: str, out_dir: Path, path) -> Path:
                   f"validation_acc_std = {_toml(best.user_attrs.get('std'))}",
                   f"validation_acc_per_seed = {_toml(best.user_attrs.get('scores', []))}",
                   f"trials = {len(r['complete']) + len(r['failed'])}", f"failed_trials = {len(r['failed'])}",
-                  f"space = {_toml(arm.space)}", ""]
+                  f"space = {_toml(arm.space)}"]
+        edge = at_edge(arm.space, best.params)
+        if edge:
+            lines.append(f"at_edge = {_toml(edge)}  # chosen at the end of its grid: the best may lie beyond it")
+        lines.append("")
     if unfinished:
         lines += ["# arms whose trials are not all finished (run cl-cm tune again):",
                   f"unfinished = {_toml(unfinished)}", ""]
     target = out_dir / "tuned.toml"
     write_text(target, "\n".join(lines))
     return target
+
+
+def at_edge(space: dict[str, Any], chosen: dict[str, Any]) -> list[str]:
+    """The numeric keys whose chosen value is the lowest or highest of its grid
+    (or within 1 % of a range's bound): the grid may not bracket the best."""
+    out = []
+    for key, value in chosen.items():
+        grid = space.get(key)
+        if isinstance(grid, list):
+            numbers = [v for v in grid if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if len(numbers) > 1 and value in (min(numbers), max(numbers)):
+                out.append(key)
+        elif isinstance(grid, dict):
+            low, high = grid["low"], grid["high"]
+            if high > low and min(abs(value - low), abs(high - value)) <= 0.01 * (high - low):
+                out.append(key)
+    return out
 
 
 def _toml(value) -> str:
