@@ -115,11 +115,13 @@ class ImageTensorDataset(Dataset):
 
     @staticmethod
     def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
-        """uint8 N×H×W or N×C×H×W → float32, per-channel standardised."""
+        """uint8 N×H×W or N×C×H×W → torch's default float type (float32
+        unless changed), per-channel standardised."""
         shape = (1, -1, 1, 1) if images.dim() == 4 else (1, 1, 1)
-        mean = torch.tensor(mean, dtype=torch.float32).view(shape)
-        std = torch.tensor(std, dtype=torch.float32).view(shape)
-        return (images.float() / 255.0 - mean) / std
+        dtype = torch.get_default_dtype()
+        mean = torch.tensor(mean, dtype=dtype).view(shape)
+        std = torch.tensor(std, dtype=dtype).view(shape)
+        return (images.to(dtype) / 255.0 - mean) / std
 
     def __len__(self) -> int:
         return len(self.targets)
