@@ -130,7 +130,7 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
     from avalanche.training.determinism.rng_manager import RNGManager
     from avalanche.training.plugins import EvaluationPlugin
 
-    from strategies import (BufferStatsMetric, CriticalMomentaPlugin, DataParallelPlugin,
+    from strategies import (BatchedLoadingPlugin, BufferStatsMetric, CriticalMomentaPlugin, DataParallelPlugin,
                             avalanche_as_single_process, make_optimizer, make_strategy)
 
     from .data import build_benchmark, build_model
@@ -145,7 +145,7 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
     bench = build_benchmark(cfg)
     model = build_model(cfg, bench)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), **C.optimizer_kwargs(cfg))
-    plugins = [ProgressBars(cfg.progress and not quiet, cfg.n_experiences)]
+    plugins = [ProgressBars(cfg.progress and not quiet, cfg.n_experiences), BatchedLoadingPlugin()]
     if cfg.optimizer in C.BUFFERED_OPTIMIZERS:
         plugins.insert(0, CriticalMomentaPlugin(cfg.boundary, cfg.factor, cfg.min_size, cfg.kappa_schedule,
                                                 cfg.kappa_start, cfg.kappa_end, cfg.reset_moments))

@@ -1,5 +1,6 @@
-"""The runner agrees with a plain PyTorch loop doing the same work
-(experiments.bench_run), on tiny data."""
+"""What makes continual-learning runs fast must not change them: gathered
+batches equal Avalanche's sample-by-sample ones, and the runner agrees with a
+plain PyTorch loop doing the same work (experiments.bench_run), on tiny data."""
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,98 @@ def data_root(tmp_path_factory):
 def smoke(data_root, benchmark, **kw) -> C.RunConfig:
     return C.resolve(C.RunConfig(benchmark=benchmark, preset="smoke", data_root=str(data_root), download=False,
                                  progress=False, threads=1, **kw))
+
+
+# ----------------------------------------------------------- gathered batches
+def _batches(loader, seed: int):
+    torch.manual_seed(seed)
+    batches = [[t.clone() for t in batch] for batch in loader]
+    return batches, torch.get_rng_state()
+
+
+def _assert_same_batches(avalanche_loader, seed=0):
+    from strategies.batched_loading import GatheringLoader
+
+    gathered = GatheringLoader(avalanche_loader)
+    expected, rng_expected = _batches(avalanche_loader, seed)
+    got, rng_got = _batches(gathered, seed)
+    assert len(got) == len(expected) == len(gathered) > 0
+    for b_exp, b_got in zip(expected, got):
+        assert len(b_exp) == len(b_got)
+        for t_exp, t_got in zip(b_exp, b_got):
+            assert t_exp.dtype == t_got.dtype and torch.equal(t_exp, t_got)
+    assert torch.equal(rng_expected, rng_got), "the gathered loader drew other random numbers"
+
+
+LOADER_ARGS = dict(num_workers=0, pin_memory=False, persistent_workers=False)
+
+
+@pytest.mark.parametrize("benchmark,augment", [("permuted_mnist", False), ("split_cifar10", True),
+                                               ("split_cifar10", False)])
+def test_gathered_batches_equal_avalanches_sample_by_sample_batches(data_root, benchmark, augment):
+    """Training (shuffled, task-balanced, with random crops and flips) and
+    evaluation loaders: the same tensors and the same random stream. The
+    fourth Permuted-MNIST experience lists its classes in a non-sorted order."""
+    from avalanche.benchmarks.utils.data_loader import SingleDatasetDataLoader, TaskBalancedDataLoader
+
+    from experiments.data import build_benchmark
+
+    cfg = smoke(data_root, benchmark, augment=augment, n_experiences=4 if benchmark == "permuted_mnist" else 5)
+    scenario = build_benchmark(cfg).scenario
+    for k in (0, 3):
+        train = scenario.train_stream[k].dataset.train()
+        _assert_same_batches(TaskBalancedDataLoader(train, oversample_small_groups=True, batch_size=7, shuffle=True,
+                                                    drop_last=False, **LOADER_ARGS), seed=k)
+        test = scenario.test_stream[k].dataset.eval()
+        _assert_same_batches(SingleDatasetDataLoader(test, batch_size=16, shuffle=False, **LOADER_ARGS))
+
+
+def test_gathered_replay_batches_mix_experiences_like_avalanche(data_root):
+    """A replay loader: the current experience plus a memory drawn from two
+    other experiences (three leaf data sets, other permutations)."""
+    from avalanche.benchmarks.utils import concat_datasets
+    from avalanche.benchmarks.utils.data_loader import ReplayDataLoader
+
+    from experiments.data import build_benchmark
+
+    scenario = build_benchmark(smoke(data_root, "permuted_mnist")).scenario
+    memory = concat_datasets([scenario.train_stream[0].dataset.train().subset(range(0, 60, 3)),
+                              scenario.train_stream[1].dataset.train().subset(range(5, 80, 5))])
+    loader = ReplayDataLoader(scenario.train_stream[2].dataset.train(), memory, oversample_small_tasks=True,
+                              batch_size=10, batch_size_mem=6, shuffle=True, drop_last=False, **LOADER_ARGS)
+    _assert_same_batches(loader, seed=3)
+
+
+def test_a_loader_that_cannot_be_gathered_is_left_to_avalanche(data_root):
+    from avalanche.benchmarks.utils.data_loader import SingleDatasetDataLoader
+
+    from experiments.data import build_benchmark
+    from strategies.batched_loading import GatheringLoader, NotGatherable, gathering_loader
+
+    scenario = build_benchmark(smoke(data_root, "permuted_mnist")).scenario
+    flipped = scenario.test_stream[0].dataset.eval().replace_current_transform_group(lambda x: -x)
+    loader = SingleDatasetDataLoader(flipped, batch_size=16, shuffle=False, **LOADER_ARGS)
+    with pytest.raises(NotGatherable, match="input transform"):
+        GatheringLoader(loader)
+    assert gathering_loader(loader) is loader
+    plain = torch.utils.data.DataLoader(scenario.test_stream[0].dataset, batch_size=16)
+    assert gathering_loader(plain) is plain
+
+
+def test_image_dataset_gather_equals_its_items(data_root):
+    from experiments.data import build_benchmark
+
+    scenario = build_benchmark(smoke(data_root, "split_cifar10", augment=True)).scenario
+    leaf = scenario.train_stream[0].dataset._flat_data
+    while hasattr(leaf, "_datasets"):
+        leaf = leaf._datasets[0]
+    idx = torch.tensor([5, 0, 17, 5, 42])
+    torch.manual_seed(1)
+    items = [leaf[i] for i in idx.tolist()]
+    torch.manual_seed(1)
+    x, y = leaf.gather(idx)
+    assert torch.equal(x, torch.stack([i[0] for i in items])) and y.tolist() == [i[1] for i in items]
+    assert not torch.equal(x[0], x[3]), "random crops and flips should differ between draws"
 
 
 # --------------------------------------------------------------- bench_run
