@@ -1,10 +1,12 @@
 """What makes continual-learning runs fast must not change them: gathered
-batches equal Avalanche's sample-by-sample ones, and the runner agrees with a
-plain PyTorch loop doing the same work (experiments.bench_run), on tiny data."""
+batches equal Avalanche's sample-by-sample ones, the selective evaluation
+plugin records what Avalanche's records, and the runner agrees with a plain
+PyTorch loop doing the same work (experiments.bench_run), on tiny data."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -127,6 +129,47 @@ def test_image_dataset_gather_equals_its_items(data_root):
     x, y = leaf.gather(idx)
     assert torch.equal(x, torch.stack([i[0] for i in items])) and y.tolist() == [i[1] for i in items]
     assert not torch.equal(x[0], x[3]), "random crops and flips should differ between draws"
+
+
+# ------------------------------------------------------ selective evaluation
+def test_selective_evaluation_records_what_avalanches_evaluation_plugin_records(data_root, tmp_path):
+    """The same run (a smoke Permuted-MNIST with Adam+CM) with Avalanche's
+    EvaluationPlugin and with SelectiveEvaluationPlugin, each with metrics
+    of every phase and granularity: the same values at the same steps."""
+    from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
+    from avalanche.training.determinism.rng_manager import RNGManager
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from experiments.data import build_benchmark, build_model
+    from strategies import BufferStatsMetric, SelectiveEvaluationPlugin, make_optimizer, make_strategy
+
+    cfg = smoke(data_root, "permuted_mnist", optimizer="adam_cm")
+
+    def run(evaluator_class):
+        RNGManager.set_random_seeds(0)
+        bench = build_benchmark(cfg)
+        model = build_model(cfg, bench)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            evaluator = evaluator_class(accuracy_metrics(minibatch=True, epoch=True, experience=True, stream=True),
+                                        loss_metrics(epoch=True, experience=True),
+                                        BufferStatsMetric(every="iteration"), loggers=[])
+        strategy = make_strategy("naive", model, make_optimizer("adam_cm", model.parameters()),
+                                 train_mb_size=16, eval_mb_size=64, evaluator=evaluator)
+        for k in range(2):
+            strategy.train(bench.scenario.train_stream[k], eval_streams=[])
+            strategy.eval(bench.scenario.test_stream)
+        return evaluator, {k: v for k, v in evaluator.get_all_metrics().items() if "Time" not in k}
+
+    selective, got = run(SelectiveEvaluationPlugin)
+    _, expected = run(EvaluationPlugin)
+    assert got == expected and any(k.startswith("Buffer_size") for k in got) and any("Top1_Acc_MB" in k for k in got)
+    assert hasattr(selective, "after_training_iteration")  # minibatch accuracy and buffer statistics need it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        eval_only = SelectiveEvaluationPlugin(accuracy_metrics(experience=True), BufferStatsMetric(every="epoch"))
+    assert not hasattr(eval_only, "after_training_iteration") and not hasattr(eval_only, "before_forward")
+    assert hasattr(eval_only, "after_eval_iteration") and hasattr(eval_only, "after_training_epoch")
 
 
 # --------------------------------------------------------------- bench_run
