@@ -271,16 +271,18 @@ def compare(cfg, repeats: int, dtype: torch.dtype = torch.float32, tolerance: fl
     return out
 
 
-def import_seconds(code: str, repeats: int) -> float:
-    """Median wall time of a fresh interpreter that runs ``code`` (from the
-    repository root, with the environment of this process)."""
+def import_seconds(codes: dict[str, str], repeats: int) -> dict[str, float]:
+    """Median wall time of a fresh interpreter that runs each of ``codes``
+    (from the repository root, with the environment of this process), the
+    interpreters taking turns."""
     root = Path(__file__).resolve().parent.parent
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in codes}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, code in codes.items():
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -324,7 +326,7 @@ def main(argv=None) -> dict[str, Any]:
     result: dict[str, Any] = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
                               "cases": cases}
     if args.imports:
-        result["import_seconds"] = {name: import_seconds(code, args.repeats) for name, code in IMPORTS.items()}
+        result["import_seconds"] = import_seconds(IMPORTS, args.repeats)
         imp = result["import_seconds"]
         print(f"imports (fresh interpreter, median of {args.repeats}): runner {imp['runner']:.2f} s, "
               f"plain {imp['plain']:.2f} s")

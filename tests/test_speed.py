@@ -203,3 +203,9 @@ def test_bench_run_command_line_writes_its_figures(data_root, tmp_path, capsys):
     assert case["ratio_train_seconds"] > 0 and case["ratio_wall_seconds"] > 0
     printed = capsys.readouterr().out
     assert "ratio" in printed and "accuracy matrices differ by 0" in printed
+
+
+def test_import_times_are_measured_in_fresh_interpreters():
+    seconds = bench_run.import_seconds({"nothing": "pass", "json": "import json, sys; assert 'torch' not in sys.modules"},
+                                       repeats=1)
+    assert set(seconds) == {"nothing", "json"} and all(0 < s < 60 for s in seconds.values())
