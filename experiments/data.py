@@ -145,11 +145,13 @@ class ImageTensorDataset(Dataset):
 
     @staticmethod
     def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
-        """uint8 N×H×W or N×C×H×W → float32, per-channel standardised."""
+        """uint8 N×H×W or N×C×H×W → torch's default float type (float32
+        unless changed), per-channel standardised."""
         shape = (1, -1, 1, 1) if images.dim() == 4 else (1, 1, 1)
-        mean = torch.tensor(mean, dtype=torch.float32).view(shape)
-        std = torch.tensor(std, dtype=torch.float32).view(shape)
-        return (images.float() / 255.0 - mean) / std
+        dtype = torch.get_default_dtype()
+        mean = torch.tensor(mean, dtype=dtype).view(shape)
+        std = torch.tensor(std, dtype=dtype).view(shape)
+        return (images.to(dtype) / 255.0 - mean) / std
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -158,13 +160,33 @@ class ImageTensorDataset(Dataset):
         x = self.images[i]
         if self.permutation is not None:
             x = x.flatten()[self.permutation]
-        if self.augment:  # 4-pixel zero-padded random crop and horizontal flip
-            padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-            dx, dy = torch.randint(0, 9, (2,)).tolist()
-            x = padded[:, dy:dy + x.shape[1], dx:dx + x.shape[2]]
-            if torch.rand(()) < 0.5:
-                x = x.flip(-1)
+        if self.augment:
+            x = random_crop_and_flip(x)
         return x, self.targets[i]
+
+    def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples ``indices`` as one batch (inputs, targets): what
+        collating ``self[i]`` one by one gives, random numbers included (drawn
+        image by image, in the order of ``indices``). Avalanche's loaders use
+        it through :class:`strategies.BatchedLoadingPlugin`."""
+        if self.permutation is not None:
+            x = self.images.flatten(1).index_select(0, indices).index_select(1, self.permutation)
+        else:
+            x = self.images.index_select(0, indices)
+        if self.augment:
+            x = torch.stack([random_crop_and_flip(img) for img in x])
+        return x, torch.tensor([self.targets[i] for i in indices.tolist()], dtype=torch.long)
+
+
+def random_crop_and_flip(x: torch.Tensor) -> torch.Tensor:
+    """4-pixel zero-padded random crop and horizontal flip of one C×H×W image
+    (draws: x and y offsets, then the flip)."""
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    dx, dy = torch.randint(0, 9, (2,)).tolist()
+    x = padded[:, dy:dy + x.shape[1], dx:dx + x.shape[2]]
+    if torch.rand(()) < 0.5:
+        x = x.flip(-1)
+    return x
 
 
 @dataclass

@@ -132,10 +132,10 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
     from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training.determinism.rng_manager import RNGManager
-    from avalanche.training.plugins import EvaluationPlugin
 
-    from strategies import (BufferStatsMetric, CriticalMomentaPlugin, DataParallelPlugin, ParameterDistanceMetric,
-                            ResetMomentsPlugin, avalanche_as_single_process, make_optimizer, make_strategy)
+    from strategies import (BatchedLoadingPlugin, BufferStatsMetric, CriticalMomentaPlugin, DataParallelPlugin,
+                            ParameterDistanceMetric, ResetMomentsPlugin, SelectiveEvaluationPlugin,
+                            avalanche_as_single_process, make_optimizer, make_strategy)
 
     from .data import build_benchmark, build_model
     from .io import atomic_write
@@ -149,7 +149,7 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
     bench = build_benchmark(cfg)
     model = build_model(cfg, bench)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), **C.optimizer_kwargs(cfg))
-    plugins = [ProgressBars(cfg.progress and not quiet, bench.n_experiences)]
+    plugins = [ProgressBars(cfg.progress and not quiet, bench.n_experiences), BatchedLoadingPlugin()]
     if cfg.optimizer in C.BUFFERED_OPTIMIZERS:
         plugins.insert(0, CriticalMomentaPlugin(cfg.boundary, cfg.factor, cfg.min_size, cfg.kappa_schedule,
                                                 cfg.kappa_start, cfg.kappa_end))
@@ -162,7 +162,7 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
         metrics.append(TaskILAccuracy())
     with warnings.catch_warnings():  # "No loggers specified": the runner reads the metrics itself
         warnings.simplefilter("ignore", UserWarning)
-        evaluator = EvaluationPlugin(*metrics, loggers=[])
+        evaluator = SelectiveEvaluationPlugin(*metrics, loggers=[])
     with avalanche_as_single_process():
         strategy = make_strategy(cfg.strategy, model, optimizer, train_mb_size=cfg.batch_size,
                                  train_epochs=cfg.epochs, eval_mb_size=cfg.eval_batch_size, device=device,

@@ -59,6 +59,12 @@ class BufferStatsMetric(PluginMetric):
         return [MetricValue(self, get_metric_name(f"Buffer_{k}", strategy, add_experience=True, add_task=False),
                             v, x) for k, v in self._last.items()]
 
+    @property
+    def active_callbacks(self) -> frozenset[str]:
+        """The one callback at which it reads the statistics (what
+        :class:`strategies.SelectiveEvaluationPlugin` forwards to it)."""
+        return frozenset({"after_training_exp" if self.every == "experience" else f"after_training_{self.every}"})
+
     def after_training_iteration(self, strategy):
         return self._emit(strategy) if self.every == "iteration" else None
 
