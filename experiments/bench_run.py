@@ -286,7 +286,8 @@ def import_seconds(codes: dict[str, str], repeats: int) -> dict[str, float]:
 
 
 def main(argv=None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--benchmark", nargs="+", default=list(BENCHMARKS), choices=BENCHMARKS)
     ap.add_argument("--optimizer", nargs="+", default=["adam", "adam_cm"], help="default: adam adam_cm")
     ap.add_argument("--preset", default="cpu", help="protocol preset (default cpu)")
@@ -303,26 +304,35 @@ def main(argv=None) -> dict[str, Any]:
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
 
+    from .config import ConfigError
+    from .data import DataNotFoundError
+
     torch.set_num_threads(args.threads)
     dtype = torch.float64 if args.float64 else torch.float32
+    try:  # settings and data checked before anything runs
+        configs = [make_config(b, o, args.preset, args.data_root, args.threads)
+                   for b in args.benchmark for o in args.optimizer]
+        for cfg in configs[::len(args.optimizer)]:
+            plain_data(cfg)
+    except (ConfigError, DataNotFoundError) as e:
+        ap.error(" ".join(str(e).split()))
     print(f"torch {torch.__version__}; {torch.get_num_threads()} CPU thread(s); {platform.processor() or platform.machine()}; "
           f"preset {args.preset}; {args.repeats} repeat(s); {str(dtype).replace('torch.', '')}")
     cases = []
-    for benchmark in args.benchmark:
-        for optimizer in args.optimizer:
-            cfg = make_config(benchmark, optimizer, args.preset, args.data_root, args.threads)
-            if args.warmup:  # untimed: lazy imports, first calls of the kernels
-                smoke = make_config(benchmark, optimizer, "smoke", args.data_root, args.threads)
-                with default_dtype(dtype):
-                    runner_run(smoke)
-                    plain_run(smoke)
-            case = compare(cfg, args.repeats, dtype)
-            cases.append(case)
-            print(f"{benchmark} {optimizer}: accuracy matrices differ by {case['accuracy_difference']:.1g}")
-            for label, key in (("training", "train_seconds"), ("wall", "wall_seconds"),
-                               ("training CPU", "train_cpu_seconds"), ("wall CPU", "cpu_seconds")):
-                print(f"  {label:13s} runner {statistics.median(case['runner_' + key]):7.2f} s   plain "
-                      f"{statistics.median(case['plain_' + key]):7.2f} s   ratio {case['ratio_' + key]:.2f}", flush=True)
+    for cfg in configs:
+        benchmark, optimizer = cfg.benchmark, cfg.optimizer
+        if args.warmup:  # untimed: lazy imports, first calls of the kernels
+            smoke = make_config(benchmark, optimizer, "smoke", args.data_root, args.threads)
+            with default_dtype(dtype):
+                runner_run(smoke)
+                plain_run(smoke)
+        case = compare(cfg, args.repeats, dtype)
+        cases.append(case)
+        print(f"{benchmark} {optimizer}: accuracy matrices differ by {case['accuracy_difference']:.1g}")
+        for label, key in (("training", "train_seconds"), ("wall", "wall_seconds"),
+                           ("training CPU", "train_cpu_seconds"), ("wall CPU", "cpu_seconds")):
+            print(f"  {label:13s} runner {statistics.median(case['runner_' + key]):7.2f} s   plain "
+                  f"{statistics.median(case['plain_' + key]):7.2f} s   ratio {case['ratio_' + key]:.2f}", flush=True)
     result: dict[str, Any] = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
                               "cases": cases}
     if args.imports:

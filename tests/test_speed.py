@@ -209,3 +209,13 @@ def test_import_times_are_measured_in_fresh_interpreters():
     seconds = bench_run.import_seconds({"nothing": "pass", "json": "import json, sys; assert 'torch' not in sys.modules"},
                                        repeats=1)
     assert set(seconds) == {"nothing", "json"} and all(0 < s < 60 for s in seconds.values())
+
+
+def test_bench_run_without_the_data_stops_with_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_run.main(["--benchmark", "split_cifar10", "--preset", "smoke", "--data-root", str(tmp_path / "none"),
+                        "--no-imports"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # argparse: the usage, then one line of error
+    assert last.startswith("python -m experiments.bench_run: error: CIFAR-10 is not in") and "data_batch_1" in last
