@@ -44,6 +44,8 @@ class OptimizerSettings:
     second_moment: str | None = _f(None, "aggregated (paper) or gradient", "optimizer")
     rho: float | None = _f(None, "SAM radius (0.05)", "optimizer")
     adaptive: bool | None = _f(None, "adaptive SAM (False)", "optimizer")
+    buffer_dtype: str | None = _f(None, "how the buffer stores entries: float32, bfloat16, int8 (8-bit, block-scaled) "
+                                  "(the parameters' dtype)", "optimizer")
 
 
 @dataclass
@@ -114,7 +116,7 @@ RUNTIME_FIELDS = ("data_root", "download", "out", "device", "threads", "progress
 PROTOCOL_FIELDS = ("n_experiences", "epochs", "batch_size", "train_per_class", "test_per_class", "model",
                    "width", "augment")
 OPTIMIZER_FIELDS = ("lr", "weight_decay", "momentum", "buffer_size", "decay", "kappa", "second_moment",
-                    "rho", "adaptive")
+                    "rho", "adaptive", "buffer_dtype")
 #: config name -> make_strategy argument
 STRATEGY_FIELDS = {"ewc_lambda": "ewc_lambda", "si_lambda": "si_lambda", "lwf_alpha": "alpha",
                    "lwf_temperature": "temperature", "mem_size": "mem_size",
