@@ -147,16 +147,16 @@ def _by_scalars(steps: list[StepScalars]) -> dict[StepScalars, list[int]]:
     return out
 
 
-def _compiled_body(params, grads, exp_avgs, exp_avg_sqs, buffer_sums, rows, scalars) -> None:
+def _compiled_body(params, grads, exp_avgs, exp_avg_sqs, buffer_sums, rows, scales, numbers) -> None:
     """Steps 1–4 and 6 per tensor for torch.compile (``compiled=True``): the
     formulas of :func:`_reference_loop` with every number read from a row of
-    ``scalars``, so that new values do not recompile, and no branch on them:
+    ``numbers``, so that new values do not recompile, and no branch on them:
     a tensor without a gradient (active = 0) keeps θ, m and v; a step that
-    stores nothing (write = 0) writes the old row back. Inductor fuses each
+    stores nothing (write = 0) keeps the old row. Inductor fuses each
     tensor's update and buffer write into one pass."""
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         (one_minus_beta1, weight, beta2, one_minus_beta2, shrink, step_size, bias2_sqrt, eps,
-         active, write, replace) = scalars[i].unbind()
+         active, write, replace) = numbers[i].unbind()
         on = active > 0
         m_t = m.lerp(g, one_minus_beta1.to(m.dtype))                           # 1.
         d = m_t if buffer_sums is None else m_t + weight * buffer_sums[i]      # 2.
@@ -166,7 +166,7 @@ def _compiled_body(params, grads, exp_avgs, exp_avg_sqs, buffer_sums, rows, scal
         v.copy_(torch.where(on, v_t, v))
         p.copy_(torch.where(on, p_t, p))
         if rows is not None:                                                   # 6.
-            buffer.write_row_(buffer_sums[i], rows[i], torch.where(write > 0, m, rows[i]), replace)
+            buffer.write_row_(buffer_sums[i], rows[i], m, replace, None if scales is None else scales[i], write)
 
 
 _COMPILED = PerTensorCompiled(_compiled_body)
@@ -176,20 +176,17 @@ def _compiled_update(params, grads, exp_avgs, exp_avg_sqs, buffer_sums, steps: l
                      buffers, buffer_scales, slot, replace) -> None:
     """:func:`_compiled_body` over the group's tensors. A tensor without a
     gradient gets its momentum as placeholder gradient (unused: inactive).
-    The 8-bit buffer's rows are written after the compiled pass."""
+    When no entry is stored, row 0 goes in with write = 0."""
     write = slot is not None
-    inline = buffers is not None and buffer_scales is None
-    rows = [b[slot if write else 0] for b in buffers] if inline else None
-    numbers = [(1 - s.beta1, s.weight, s.beta2, 1 - s.beta2, s.shrink, s.step_size, s.bias2_sqrt, s.eps,
-                1.0, float(write), float(replace or not write)) if s is not None else
-               (0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, float(write), float(replace or not write))
+    row = slot if write else 0
+    flags = (float(write), float(replace or not write))
+    numbers = [(1 - s.beta1, s.weight, s.beta2, 1 - s.beta2, s.shrink, s.step_size, s.bias2_sqrt, s.eps, 1.0)
+               + flags if s is not None else (0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0) + flags
                for s in steps]
     _COMPILED([params, [m if g is None else g for g, m in zip(grads, exp_avgs)], exp_avgs, exp_avg_sqs,
-               buffer_sums or None, rows], numbers, dtype=torch.float64 if params[0].dtype == torch.float64
-              else torch.float32)
-    if buffers is not None and not inline and write:
-        buffer.write_rows_(buffer_sums, [b[slot] for b in buffers], exp_avgs, replace,
-                           [s[slot] for s in buffer_scales])
+               buffer_sums or None, None if buffers is None else [b[row] for b in buffers],
+               None if buffer_scales is None else [s[row] for s in buffer_scales]],
+              numbers, dtype=torch.float64 if params[0].dtype == torch.float64 else torch.float32)
 
 
 class AdamCM(CriticalBufferOptimizer):

@@ -107,55 +107,74 @@ def _blocks(numel: int) -> int:
     return -(-numel // BLOCK)
 
 
+def _as_blocks(flat: Tensor, blocks: int) -> Tensor:
+    """``flat`` as ``(blocks, BLOCK)``: a view when it fills whole blocks, else padded with zeros."""
+    if flat.numel() == blocks * BLOCK:
+        return flat.view(blocks, BLOCK)
+    return torch.nn.functional.pad(flat, (0, blocks * BLOCK - flat.numel())).view(blocks, BLOCK)
+
+
 def stored(row: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
     """The value that a ``row`` (or rows, with the leading dimension of
-    ``scale``) holds, in ``dtype``: the row itself, or its dequantised codes."""
+    ``scale``) holds, in ``dtype``: the row itself, or its dequantised codes
+    (code × its block's scale)."""
     if scale is None:
         return row if row.dtype == dtype else row.to(dtype)
-    lead = scale.shape[:-1]
-    shape = row.shape[len(lead):]
-    numel = math.prod(shape)
-    codes = row.reshape(*lead, numel).to(dtype)
-    padded = torch.nn.functional.pad(codes, (0, scale.shape[-1] * BLOCK - numel))
-    values = padded.view(*lead, scale.shape[-1], BLOCK) * scale.to(dtype).unsqueeze(-1)
-    return values.view(*lead, -1)[..., :numel].reshape(row.shape)
+    lead, blocks = scale.shape[:-1], scale.shape[-1]
+    numel = math.prod(row.shape[len(lead):])
+    if not lead:  # one row
+        values = _as_blocks(row.reshape(-1).to(dtype), blocks) * scale.to(dtype).unsqueeze(1)
+        return values.view(-1)[:numel].view(row.shape)
+    codes = row.reshape(-1, numel).to(dtype)
+    values = torch.stack([_as_blocks(c, blocks) for c in codes]) * scale.to(dtype).reshape(-1, blocks, 1)
+    return values.reshape(len(codes), -1)[:, :numel].reshape(row.shape)
 
 
-def quantize_(row: Tensor, scale: Tensor, entry: Tensor) -> None:
-    """Store ``entry`` in the int8 ``row`` and its block ``scale``: per block of
-    :data:`BLOCK` elements, scale = max|x| / 127 and code = round(x / scale)
-    (absmax quantisation, so that the largest element of a block is exact and
-    the others err by at most half a step of max|x| / 127)."""
+def quantized(entry: Tensor, blocks: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+    """(codes, scales, values) of ``entry`` in the 8-bit buffer: per block of
+    :data:`BLOCK` elements, scale = max|x| / 127 (float32) and code =
+    round(x / scale) in [−127, 127] (absmax quantisation: the largest element
+    of a block is exact, the others err by at most max|x| / 254); ``values``
+    = code × scale in ``dtype``, exactly what :func:`stored` reads back. Codes
+    and values are flat."""
     numel = entry.numel()
-    flat = entry.reshape(-1).float()
-    padded = torch.nn.functional.pad(flat, (0, scale.numel() * BLOCK - numel)).view(-1, BLOCK)
-    s = padded.abs().amax(dim=1) / 127.0
-    inverse = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-    codes = (padded * inverse.unsqueeze(1)).round_().clamp_(-127, 127)
-    row.view(-1).copy_(codes.view(-1)[:numel])
-    scale.copy_(s)
+    x = _as_blocks(entry.reshape(-1).float(), blocks)
+    scale = x.abs().amax(dim=1) / 127.0
+    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    q = (x * inverse.unsqueeze(1)).round().clamp(-127, 127)
+    values = (q.to(dtype) * scale.to(dtype).unsqueeze(1)).view(-1)[:numel]
+    return q.view(-1)[:numel].to(INT8), scale, values
 
 
 # ------------------------------------------------------------ writing
 def write_row_(total: Tensor, row: Tensor, entry: Tensor | None, replace: bool | Tensor,
-               scale: Tensor | None = None) -> None:
+               scale: Tensor | None = None, write: Tensor | None = None) -> None:
     """Step 6 of Alg. 1 for one tensor: store ``entry`` in ``row`` and keep
     ``total`` (ΣB) equal to the sum of the stored rows,
 
         ΣB ← ΣB − [replace]·old row + new row,
 
     both rows as stored: rounded to the buffer's dtype, or dequantised for the
-    8-bit buffer (``scale`` given). ``entry=None`` stores zeros (a parameter
-    without a gradient at that step).
+    8-bit buffer (``scale`` given: the row's block scales). ``entry=None``
+    stores zeros (a parameter without a gradient at that step).
 
-    Inside :func:`torch.compile` ``replace`` is a 0-dim tensor (1 or 0) and the
-    same formula runs without a branch; there, writing the old row back with
-    ``replace=1`` leaves row and ΣB exactly as they were (ΣB + (old − old)).
+    Inside :func:`torch.compile`, ``write`` and ``replace`` are 0-dim tensors
+    (1 or 0) and the same formula runs without a branch: ``write=0`` keeps
+    the old row (with ``replace=1``, so that ΣB gains old − old = 0).
     """
-    if isinstance(replace, Tensor):
-        new = entry.to(row.dtype)
-        total.add_(new.to(total.dtype) - replace * row.to(total.dtype))
-        row.copy_(new)
+    if write is not None:
+        if scale is None:
+            new = torch.where(write > 0, entry.to(row.dtype), row)
+            total.add_(new.to(total.dtype) - replace * row.to(total.dtype))
+            row.copy_(new)
+        else:
+            codes, s, _ = quantized(entry, scale.numel())
+            codes = torch.where(write > 0, codes, row.reshape(-1))
+            s = torch.where(write > 0, s, scale)
+            new = stored(codes.view(row.shape), s, total.dtype)
+            total.add_(new - replace * stored(row, scale, total.dtype))
+            row.copy_(codes.view(row.shape))
+            scale.copy_(s)
         return
     if replace:
         total.sub_(stored(row, scale, total.dtype))
@@ -166,9 +185,12 @@ def write_row_(total: Tensor, row: Tensor, entry: Tensor | None, replace: bool |
         return
     if scale is None:
         row.copy_(entry)
+        total.add_(row)
     else:
-        quantize_(row, scale, entry)
-    total.add_(stored(row, scale, total.dtype))
+        codes, s, values = quantized(entry, scale.numel(), total.dtype)
+        row.view(-1).copy_(codes)
+        scale.copy_(s)
+        total.add_(values.view(total.shape))
 
 
 def write_rows_(totals: list[Tensor], rows: list[Tensor], entries: list[Tensor | None], replace: bool,

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 #: Tensors per compiled call.
-CHUNK = 16
+CHUNK = 32
 #: Graphs allowed per compiled function (distinct chunks of shapes in one process).
 RECOMPILE_LIMIT = 1024
 
