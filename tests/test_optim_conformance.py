@@ -465,6 +465,29 @@ def test_trains_a_small_mlp(name):
     assert float(closure()) < 0.1 * first
 
 
+def test_trains_in_each_declared_dtype(name):
+    """Every parameter dtype a variant declares trains, with moments in that dtype."""
+    variant = OPTIMIZERS[name]
+    for dtype in variant.dtypes:
+        torch.manual_seed(0)
+        x = torch.randn(64, 6, dtype=dtype)
+        y = (x.float() @ torch.randn(6, 3)).to(dtype)
+        model = make_model().to(dtype)
+        opt = variant(model.parameters(), lr=1e-2)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x).float(), y.float())
+            loss.backward()
+            return loss
+
+        first = float(closure().detach())
+        for _ in range(60):
+            opt.step(closure)
+        assert float(closure().detach()) < 0.5 * first, dtype
+        assert all(opt.state[p]["exp_avg"].dtype == dtype for p in model.parameters()), dtype
+
+
 def test_avalanche_style_state_reset(name):
     """Avalanche's reset_optimizer_state assigns a fresh ``optimizer.state``."""
     model = make_model()

@@ -4,7 +4,6 @@ optimizer or with a corrupt buffer. What torch's Adam accepts loads here too."""
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import pytest
