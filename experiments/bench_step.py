@@ -70,6 +70,8 @@ def candidates(buffer_size: int, device: str) -> dict[str, Callable]:
         f"AdamCM C={c} foreach": lambda ps: AdamCM(ps, buffer_size=c, foreach=True),
         f"AdamCM C={c} for-loop": lambda ps: AdamCM(ps, buffer_size=c, foreach=False),
         f"AdamCM C={c} bf16 buffer": lambda ps: AdamCM(ps, buffer_size=c, buffer_dtype=torch.bfloat16),
+        f"AdamCM C={c} compiled, bf16 buffer": lambda ps: AdamCM(ps, buffer_size=c, compiled=True,
+                                                                 buffer_dtype=torch.bfloat16),
         f"AdamCM C={c} 8-bit buffer": lambda ps: AdamCM(ps, buffer_size=c, buffer_dtype=torch.int8),
         f"AdamCM C={c} compiled, 8-bit buffer": lambda ps: AdamCM(ps, buffer_size=c, compiled=True,
                                                                   buffer_dtype=torch.int8),
