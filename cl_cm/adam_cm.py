@@ -269,7 +269,9 @@ class AdamCM(CriticalBufferOptimizer):
                                              if g is not None):
             self._reference_first_step(group, w, slot, replace)
             return
-        foreach, fused = self._implementation(group, [p for p, g in zip(w.params, w.grads) if g is not None])
+        foreach = fused = False
+        if not group["compiled"]:
+            foreach, fused = self._implementation(group, [p for p, g in zip(w.params, w.grads) if g is not None])
         adam_cm(**self._tensors(group, w, slot), second_moment=group["second_moment"], replace=replace,
                 foreach=foreach, fused=fused, compiled=group["compiled"], workspace=self._workspace)
 
