@@ -16,9 +16,9 @@ from typing import Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from . import _kernels
 from .adam_cm import AdamCM
-from .buffer import _is_real
+from .buffered_optimizer import _is_real
+from .norms import squared_norms
 
 
 class SAM(Optimizer):
@@ -128,7 +128,7 @@ class SAM(Optimizer):
             self._skip("first_step() came again before second_step(); the pending perturbation was undone")
         pairs = self._with_grad()
         scaled = [(torch.abs(p) * p.grad) if group["adaptive"] else p.grad for group, p in pairs]
-        norm = math.sqrt(float(_squared_norms(scaled).sum())) if scaled else 0.0
+        norm = math.sqrt(sum(squared_norms(scaled))) if scaled else 0.0
         self._backup = [(p, p.detach().clone()) for _, p in pairs]
         self._first_finite = math.isfinite(norm)
         if self._first_finite:
@@ -147,8 +147,7 @@ class SAM(Optimizer):
             raise RuntimeError("SAM.second_step() needs a first_step() before it.")
         self._restore()
         grads = [p.grad for _, p in self._with_grad()]
-        finite = self._first_finite and all(
-            math.isfinite(x) for x in _squared_norms(grads).tolist()) if grads else True
+        finite = self._first_finite and all(math.isfinite(x) for x in squared_norms(grads)) if grads else True
         if finite:
             self.base_optimizer.step()
         else:
@@ -205,11 +204,3 @@ class SAM(Optimizer):
 def _check_rho(rho) -> None:
     if not _is_real(rho) or not (math.isfinite(rho) and rho >= 0.0):
         raise ValueError(f"Invalid rho: {rho!r}. rho must be a finite float >= 0.")
-
-
-def _squared_norms(tensors: list) -> torch.Tensor:
-    """‖t‖² of every tensor in float64; a DTensor's (FSDP2) is summed over its
-    shards, with one all-reduce for all of them."""
-    local = [_kernels.local_view(t) for t in tensors]
-    return _kernels.reduce_shards(_kernels.squared_norms([t for t, _ in local], torch.float64),
-                                  [g for _, g in local])

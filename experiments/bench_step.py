@@ -1,6 +1,6 @@
 """Time one optimizer step on a ResNet-18-sized parameter set (11.2M parameters).
 
-    python -m experiments.bench_step [--device cpu|cuda] [--steps 30] [--buffer-size 5]
+    python -m experiments.bench_step [--device cpu|cuda] [--steps 30] [--buffer-size 5] [--threads N]
 
 The optimizers take turns, one step each, on the same gradients. Every
 step gets a fresh gradient (a random draw scaled by a random factor, so
@@ -8,9 +8,12 @@ that gradient norms differ and buffer entries get replaced). For each
 optimizer it prints the median step time after the warm-up steps, its ratio to torch.optim.Adam with
 foreach=True and with fused=True measured in the same process, the bytes of
 optimizer state, the buffer's replacement rate, and the time of the first
-step (state allocation; for ``compiled=True`` the compilation). ``--json FILE`` also
-writes the figures. This is a benchmark, not a test: the README records its
-output beside the command.
+step (state allocation; for ``compiled=True`` the compilation, which depends
+on whether inductor's cache already holds the kernels: point
+``TORCHINDUCTOR_CACHE_DIR`` at an empty folder for the cold cost). The buffer
+is measured in each of its dtypes (float32, bfloat16, the 8-bit buffer).
+``--json FILE`` also writes the figures. This is a benchmark, not a test:
+docs/performance.md records its output beside the command.
 """
 from __future__ import annotations
 
@@ -67,6 +70,11 @@ def candidates(buffer_size: int, device: str) -> dict[str, Callable]:
         f"AdamCM C={c} foreach": lambda ps: AdamCM(ps, buffer_size=c, foreach=True),
         f"AdamCM C={c} for-loop": lambda ps: AdamCM(ps, buffer_size=c, foreach=False),
         f"AdamCM C={c} bf16 buffer": lambda ps: AdamCM(ps, buffer_size=c, buffer_dtype=torch.bfloat16),
+        f"AdamCM C={c} compiled, bf16 buffer": lambda ps: AdamCM(ps, buffer_size=c, compiled=True,
+                                                                 buffer_dtype=torch.bfloat16),
+        f"AdamCM C={c} 8-bit buffer": lambda ps: AdamCM(ps, buffer_size=c, buffer_dtype=torch.int8),
+        f"AdamCM C={c} compiled, 8-bit buffer": lambda ps: AdamCM(ps, buffer_size=c, compiled=True,
+                                                                  buffer_dtype=torch.int8),
         f"AdamCM C={c} second_moment=gradient": lambda ps: AdamCM(ps, buffer_size=c, second_moment="gradient"),
         f"AdamCG C={c}": lambda ps: AdamCG(ps, buffer_size=c),
     }
@@ -112,6 +120,35 @@ def bench(makers: dict[str, Callable], shapes, device: str, steps: int, warmup: 
     return results
 
 
+def profile(names: list[str], makers: dict[str, Callable], shapes, device: str, warmup: int) -> None:
+    """Print the functions that take the most own time in 10 steps of each
+    named optimizer (after ``warmup`` steps), and the median step time of
+    fused Adam on the same gradients for scale."""
+    import cProfile
+    import pstats
+
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    for name in ["Adam(fused)"] + names:
+        params = [torch.empty(s, device=device).normal_(0, 0.02).requires_grad_() for s in shapes]
+        opt = makers[name](params)
+        prof = cProfile.Profile()
+        times = []
+        for i in range(warmup + 10):
+            for p, g in zip(params, grads):
+                p.grad = g * (0.5 + 0.1 * (i % 7))
+            t0 = time.perf_counter()
+            if i >= warmup:
+                prof.enable()
+            opt.step()
+            if i >= warmup:
+                prof.disable()
+            times.append(time.perf_counter() - t0)
+        print(f"\n== profile of {name}: median step {1e3 * statistics.median(times[warmup:]):.1f} ms")
+        if name != "Adam(fused)":
+            pstats.Stats(prof).sort_stats("tottime").print_stats(8)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -120,8 +157,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--buffer-size", type=int, default=5, help="C for the buffered optimizers (default 5)")
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only matching optimizers")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--profile", default=None,
+                    help="also profile 10 steps of the optimizers whose name contains this (cProfile, "
+                         "by own time): where a step's time goes")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     shapes = resnet18_shapes()
     n = sum(s.numel() for s in shapes)
@@ -143,9 +186,12 @@ def main(argv=None) -> dict:
         rep = "" if r["replacement_rate"] is None else f"{r['replacement_rate']:.2f}"
         print(f"{name:40s} {r['median_ms']:10.1f} {r['vs_adam_foreach']:14.2f} {r['vs_adam_fused']:12.2f} "
               f"{r['state_MB']:9.1f} {buf:>10s} {rep:>9s} {r['first_step_s']:10.2f}")
+    if args.profile:
+        profile([name for name in runs if args.profile in name], runs, shapes, args.device, args.warmup)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "parameters": n, "torch": torch.__version__, "results": results}, f, indent=2)
+            json.dump({"args": vars(args), "parameters": n, "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "results": results}, f, indent=2)
     return results
 
 

@@ -55,6 +55,8 @@ class OptimizerSettings:
     second_moment: str | None = _f(None, "aggregated (paper) or gradient", "optimizer")
     rho: float | None = _f(None, "SAM radius (0.05)", "optimizer")
     adaptive: bool | None = _f(None, "adaptive SAM (False)", "optimizer")
+    buffer_dtype: str | None = _f(None, "how the buffer stores entries: float32, bfloat16, int8 (8-bit, block-scaled) "
+                                  "(the parameters' dtype)", "optimizer")
 
 
 @dataclass
@@ -138,7 +140,7 @@ RUNTIME_FIELDS = ("data_root", "download", "out", "device", "threads", "progress
 PROTOCOL_FIELDS = ("n_experiences", "epochs", "batch_size", "train_per_class", "test_per_class", "model",
                    "width", "augment")
 OPTIMIZER_FIELDS = ("lr", "weight_decay", "momentum", "beta1", "beta2", "buffer_size", "decay", "kappa",
-                    "second_moment", "rho", "adaptive")
+                    "second_moment", "rho", "adaptive", "buffer_dtype")
 #: config field -> the optimizer argument it sets (beta1 and beta2 are the two halves of ``betas``)
 OPTIMIZER_ARGUMENT = {"beta1": "betas", "beta2": "betas"}
 VALIDATION_FIELDS = ("validation", "validation_fraction", "validation_tasks")

@@ -9,7 +9,7 @@ import warnings
 
 from avalanche.core import SupervisedPlugin
 
-from cl_cm.buffer import CriticalBufferOptimizer
+from cl_cm import CriticalBufferOptimizer, buffered
 
 BOUNDARIES = ("keep", "reset", "decay", "shrink")
 KAPPA_SCHEDULES = ("constant", "linear", "cosine")
@@ -32,8 +32,8 @@ def kappa_at(schedule: str, start: float, end: float, progress: float) -> float:
 def buffered_optimizer(optimizer) -> CriticalBufferOptimizer:
     """The optimizer that holds the buffer: ``optimizer`` itself, or the base
     optimizer of a :class:`cl_cm.SAM`. Raises ``TypeError`` if there is none."""
-    base = getattr(optimizer, "base_optimizer", optimizer)
-    if not isinstance(base, CriticalBufferOptimizer):
+    base = buffered(optimizer)
+    if base is None:
         raise TypeError(
             "CriticalMomentaPlugin needs an optimizer with a critical buffer: cl_cm.AdamCM, cl_cm.AdamCG, "
             f"or cl_cm.SAM around one; the strategy's optimizer is {type(optimizer).__name__}. "

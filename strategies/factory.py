@@ -1,83 +1,21 @@
 """Factories for the usual combinations of optimizer and Avalanche strategy."""
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from avalanche.training.supervised import AGEM, EWC, GEM, LwF, Naive, Replay, SynapticIntelligence
 from torch import nn
 
-from cl_cm import SAM, AdamCG, AdamCM
+from cl_cm import OPTIMIZERS, SAM, make_optimizer, optimizer_options  # noqa: F401 (re-exported)
 
 from .sam import SAMPlugin
 
 
 # ------------------------------------------------------------------ optimizers
-def _sgd(params, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0):
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def _adam(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-    # decoupled weight decay, as in AdamCM and AdamCG, so that comparisons differ only in the buffer
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-
-
-def _adam_cg(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-             buffer_size: int = 5, decay: float = 0.7, kappa: float = 1.0, buffer_dtype=None):
-    return AdamCG(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                  buffer_size=buffer_size, decay=decay, kappa=kappa, buffer_dtype=buffer_dtype)
-
-
-def _adam_cm(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-             buffer_size: int = 5, decay: float = 0.7, kappa: float = 1.0,
-             second_moment: str = "aggregated", buffer_dtype=None):
-    return AdamCM(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, buffer_size=buffer_size,
-                  decay=decay, kappa=kappa, second_moment=second_moment, buffer_dtype=buffer_dtype)
-
-
-def _adam_sam(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-              rho: float = 0.05, adaptive: bool = False):
-    return SAM(params, torch.optim.AdamW, rho=rho, adaptive=adaptive, lr=lr, betas=betas, eps=eps,
-               weight_decay=weight_decay)
-
-
-def _adam_cm_sam(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, buffer_size: int = 5, decay: float = 0.7, kappa: float = 1.0,
-                 second_moment: str = "aggregated", buffer_dtype=None, rho: float = 0.05,
-                 adaptive: bool = False):
-    return SAM(params, AdamCM, rho=rho, adaptive=adaptive, lr=lr, betas=betas, eps=eps,
-               weight_decay=weight_decay, buffer_size=buffer_size, decay=decay, kappa=kappa,
-               second_moment=second_moment, buffer_dtype=buffer_dtype)
-
-
-#: name -> builder; a builder's keyword arguments and defaults are the options of that optimizer.
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": _sgd,
-    "adam": _adam,
-    "adam_cg": _adam_cg,
-    "adam_sam": _adam_sam,
-    "adam_cm": _adam_cm,
-    "adam_cm_sam": _adam_cm_sam,
-}
-
-
-def optimizer_options(name: str) -> dict[str, Any]:
-    """The keyword arguments of optimizer ``name`` with their defaults."""
-    builder = _lookup(OPTIMIZERS, name, "optimizer")
-    return {k: p.default for k, p in inspect.signature(builder).parameters.items() if k != "params"}
-
-
-def make_optimizer(name: str, params: Iterable, **kwargs) -> torch.optim.Optimizer:
-    """Build optimizer ``name`` (sgd, adam, adam_cg, adam_sam, adam_cm, adam_cm_sam).
-
-    "adam" is torch's AdamW with weight_decay 0 by default (decoupled decay, as
-    in AdamCM); the SAM variants wrap AdamW and AdamCM. Unknown keyword
-    arguments raise a ``ValueError`` that lists the valid ones.
-    """
-    builder = _lookup(OPTIMIZERS, name, "optimizer")
-    _check_kwargs(f"make_optimizer({name!r})", kwargs, optimizer_options(name))
-    return builder(params, **kwargs)
+# The optimizers by name live in cl_cm (cl_cm.registry); re-exported here for existing callers.
+__all__ = ["OPTIMIZERS", "make_optimizer", "optimizer_options", "STRATEGIES", "COMMON_STRATEGY_ARGS",
+           "strategy_options", "make_strategy"]
 
 
 # ------------------------------------------------------------------ strategies

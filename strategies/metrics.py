@@ -5,7 +5,7 @@ from avalanche.evaluation import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.evaluation.metric_utils import get_metric_name
 
-from cl_cm.buffer import CriticalBufferOptimizer
+from cl_cm import buffered
 
 BUFFER_STAT_KEYS = ("size", "capacity", "mean_priority", "replacement_rate", "exploration",
                     "cosine_similarity")
@@ -50,8 +50,8 @@ class BufferStatsMetric(PluginMetric):
         return dict(self._last)
 
     def _emit(self, strategy):
-        opt = getattr(strategy.optimizer, "base_optimizer", strategy.optimizer)
-        if not isinstance(opt, CriticalBufferOptimizer):
+        opt = buffered(strategy.optimizer)
+        if opt is None:
             return None
         stats = opt.buffer_stats()
         self._last = {k: float(stats[k]) for k in self.keys}

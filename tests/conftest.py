@@ -1,6 +1,7 @@
 """Test set-up: importing Avalanche writes ~/.avalanche, so HOME points at a
-temporary folder before anything imports it; torch runs single-threaded and
-deterministic for reproducible numbers."""
+temporary folder before anything imports it; torch runs single-threaded (one
+intra-op thread: small tensors gain nothing from threads, and the numbers do
+not depend on the machine's core count) and deterministic."""
 import os
 import tempfile
 
@@ -9,4 +10,5 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402
 
+torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True, warn_only=True)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import cl_cm._kernels
+import cl_cm.norms
 from cl_cm import SAM, AdamCG, AdamCM
 
 STEPS, GLOBAL_BATCH = 30, 16
@@ -109,12 +109,12 @@ def main(out_path: str) -> None:
         # buffer statistics of the whole model on every rank (the shards' sums all-reduced) ...
         expected_stats = ref_opt.buffer_stats(reset=False)
         results[f"fsdp_{name}_stats"] = stats_gap(opt.buffer_stats(reset=False), expected_stats)
-        real = cl_cm._kernels.all_reduce_sum
-        cl_cm._kernels.all_reduce_sum = lambda values, group: values
+        real = cl_cm.norms.all_reduce_sum
+        cl_cm.norms.all_reduce_sum = lambda values, group: values
         try:  # ... and not those of one rank's shard
             results[f"fsdp_{name}_stats_local"] = stats_gap(opt.buffer_stats(reset=False), expected_stats)
         finally:
-            cl_cm._kernels.all_reduce_sum = real
+            cl_cm.norms.all_reduce_sum = real
 
     # Adam+CM+SAM under FSDP2: the perturbation's norm is the global one
     ref = model()
@@ -124,8 +124,8 @@ def main(out_path: str) -> None:
     results["fsdp_sam_AdamCM"] = float((full_params(sharded) - full_params(ref)).abs().max())
 
     # the deliberately wrong priority: every rank uses the norm of its own shard
-    real = cl_cm._kernels.all_reduce_sum
-    cl_cm._kernels.all_reduce_sum = lambda values, group: values
+    real = cl_cm.norms.all_reduce_sum
+    cl_cm.norms.all_reduce_sum = lambda values, group: values
     try:
         ref = model()
         train(ref, AdamCM(ref.parameters(), **OPTIONS), STEPS)
@@ -137,7 +137,7 @@ def main(out_path: str) -> None:
         dist.all_gather_object(gathered, priorities(opt))
         results["fsdp_local_norm_priorities_agree"] = all(g == gathered[0] for g in gathered)
     finally:
-        cl_cm._kernels.all_reduce_sum = real
+        cl_cm.norms.all_reduce_sum = real
 
     # checkpoint under FSDP2: model through torch.distributed.checkpoint, optimizer state per rank
     import torch.distributed.checkpoint as dcp

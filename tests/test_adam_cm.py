@@ -451,3 +451,79 @@ def test_at_most_one_host_sync_per_step_on_cuda(impl):
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) <= 1, [str(w.message) for w in syncs]
+
+
+# ------------------------------------------------------------ the 8-bit buffer
+def wide(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8)).to(dtype)
+
+
+def train_wide(buffer_dtype, steps=40, decay=0.9):
+    model = wide()
+    opt = AdamCM(model.parameters(), lr=1e-2, decay=decay, buffer_dtype=buffer_dtype)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        x = torch.randn(32, 64, generator=g) * (0.2 + 3 * torch.rand((), generator=g))
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    return model, opt
+
+
+def test_8bit_buffer_takes_about_a_quarter_of_float32s_memory():
+    """int8 codes plus one float32 scale per 256 elements: 1 + 4/256 bytes per
+    element against 4, i.e. 25.4% for tensors of whole blocks."""
+    _, full = train_wide(None, steps=6)
+    _, small = train_wide("int8", steps=6)
+    ratio = small.buffer_nbytes() / full.buffer_nbytes()
+    st = small.state[small.param_groups[0]["params"][0]]
+    assert st["buffer"].dtype == torch.int8 and st["buffer_scale"].dtype == torch.float32
+    assert st["buffer_scale"].shape == (5, 64 * 64 // 256)
+    assert ratio < 0.2545, ratio  # 4096 weights: exactly (4096 + 64) / 16384; the biases round up to a block
+
+
+def test_8bit_buffer_sum_matches_the_stored_rows_after_many_replacements():
+    from cl_cm import buffer as B
+
+    model, opt = train_wide("int8", steps=300, decay=0.7)
+    assert opt.buffer_stats()["replacement_rate"] > 0.5
+    for p in model.parameters():
+        st = opt.state[p]
+        rows = B.rows(st, len(st["priority"]), torch.float64)
+        torch.testing.assert_close(st["buffer_sum"].double(), rows.sum(0), rtol=1e-5, atol=1e-7)
+
+
+def test_8bit_rows_are_within_half_a_step_of_the_stored_momentum():
+    from cl_cm import buffer as B
+
+    m = torch.randn(1000) * torch.logspace(-6, 2, 1000)  # blocks of very different magnitudes
+    row, scale = torch.empty(1000, dtype=torch.int8), torch.empty(4)
+    B.write_row_(torch.zeros(1000), row, m, False, scale)
+    stored = B.stored(row, scale, torch.float32)
+    blocks = torch.nn.functional.pad(m, (0, 24)).view(4, 256).abs().amax(1)
+    bound = (blocks / 127 / 2).repeat_interleave(256)[:1000] * (1 + 1e-5)
+    assert ((stored - m).abs() <= bound).all()
+    assert torch.equal(B.stored(row, scale, torch.float32)[m.abs() == m.abs().max()].abs(), m.abs().max().view(1))
+
+
+def test_8bit_buffer_checkpoint_decay_and_resize(tmp_path):
+    model, opt = train_wide("int8", steps=12)
+    torch.save(opt.state_dict(), tmp_path / "s.pt")
+    model2 = wide()
+    opt2 = AdamCM(model2.parameters(), lr=1e-2, decay=0.9, buffer_dtype="int8")
+    opt2.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        for k in ("buffer", "buffer_scale", "buffer_sum"):
+            assert opt2.state[q][k].dtype == opt.state[p][k].dtype and torch.equal(opt2.state[q][k], opt.state[p][k])
+    st = opt.state[model[0].weight]
+    codes, scales = st["buffer"].clone(), st["buffer_scale"].clone()
+    opt.decay_buffer(0.5)  # exact: the scales halve, the codes stay
+    assert torch.equal(st["buffer"], codes) and torch.equal(st["buffer_scale"], scales * 0.5)
+    from cl_cm import buffer as B
+    torch.testing.assert_close(st["buffer_sum"], B.rows(st, 5, torch.float32).sum(0))
+    priority = list(st["priority"])
+    top = sorted(sorted(range(5), key=lambda i: -priority[i])[:2])
+    opt.resize_buffer(2)
+    st = opt.state[model[0].weight]
+    assert torch.equal(st["buffer"], codes[top]) and torch.equal(st["buffer_scale"], scales[top] * 0.5)

@@ -115,3 +115,66 @@ def test_compiled_update_trains_bfloat16_parameters():
     assert torch.isfinite(fast).all()
     assert (fast - eager).abs().max() < 0.05  # a few bf16 ulps of values of order 1
     assert opt.buffer_stats()["size"] == 3
+
+
+def grown_trajectory(compiled: bool, steps: int = 24):
+    """Nine parameter groups of nine different shapes (one more than dynamo's
+    default of 8 graphs per function), a group that gets a parameter
+    appended at step 8 (a model that grows, as Avalanche grows a head) and a
+    new group at step 16; lr changes, and a parameter without gradient on
+    every fourth step."""
+    torch.manual_seed(0)
+    dtype = torch.float64
+    shapes = [(3,), (2, 5), (7,), (4, 4), (3, 2, 2), (9,), (6, 2), (11,), (5, 3)]
+    params = [nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+    extra, late = nn.Parameter(torch.randn(4, dtype=dtype)), nn.Parameter(torch.randn(2, 3, dtype=dtype))
+    opt = AdamCM([{"params": [p], "lr": 1e-2 * (1 + i % 3)} for i, p in enumerate(params)],
+                 buffer_size=3, decay=0.9, compiled=compiled)
+    g = torch.Generator().manual_seed(1)
+    for t in range(steps):
+        if t == 8:
+            opt.param_groups[0]["params"].append(extra)
+        if t == 16:
+            opt.add_param_group({"params": [late]})
+        if t == 12:
+            opt.param_groups[3]["lr"] = 3e-3
+        live = params + ([extra] if t >= 8 else []) + ([late] if t >= 16 else [])
+        scale = 0.2 + 3 * torch.rand((), generator=g, dtype=dtype)
+        for i, p in enumerate(live):
+            p.grad = None if (t % 4 == 3 and i == 1) else scale * torch.randn(p.shape, generator=g, dtype=dtype)
+        opt.step()
+    return [p.detach().clone() for p in params + [extra, late]], opt
+
+
+def test_compiled_stays_compiled_for_many_groups_and_a_growing_model():
+    """Every step of every group runs through the compiled graph: there is
+    no graph break, one graph per group shape (more than dynamo's default
+    limit of 8, which would otherwise send the rest to eager silently), new
+    graphs only when the model grows, and no recompilation for new numbers
+    (lr, bias corrections, κ/|B|), slots or missing gradients. The result is
+    the eager optimizer's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # count from an empty cache
+    counters.clear()
+    fast, opt_fast = grown_trajectory(True)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 11, graphs  # 9 group shapes, group 0 grown once, one new group
+    # the same shapes again, with other numbers, slots and missing gradients: nothing compiles
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again, _ = grown_trajectory(True)
+    assert counters["stats"]["unique_graphs"] == graphs
+    eager, opt_eager = grown_trajectory(False)
+    for a, b, c in zip(fast, eager, again):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(c, b, rtol=1e-12, atol=1e-12)
+    for st_fast, st_eager in zip(opt_fast.state.values(), opt_eager.state.values()):
+        assert st_fast["priority"] == pytest.approx(st_eager["priority"], rel=1e-12)
+        torch.testing.assert_close(st_fast["buffer_sum"], st_eager["buffer_sum"], rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_with_the_8bit_buffer_follows_the_eager_trajectory():
+    """The 8-bit buffer's rows are written after the compiled pass, by the
+    same function as in the eager paths."""
+    check_same(trajectory(True, buffer_dtype=torch.int8), trajectory(False, buffer_dtype=torch.int8))

@@ -1,39 +1,82 @@
 """One conformance suite over every optimizer, in the manner of torch's own
-optimizer tests (test/optim/test_optim.py): each test runs for each entry of
-OPTIMIZERS, and buffer-specific checks run where there is a buffer."""
+optimizer tests (test/optim/test_optim.py with its OptimizerInfo): each test
+runs for each entry of OPTIMIZERS, and each entry declares what it supports,
+so that buffer-, SAM- or dtype-specific checks run where they apply."""
 from __future__ import annotations
 
 import math
+import shutil
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 import torch
 from torch import nn
 
-from cl_cm import SAM, AdamCG, AdamCM
-from cl_cm.buffer import CriticalBufferOptimizer
+from cl_cm import SAM, AdamCG, AdamCM, buffered
+from cl_cm import buffer as B
 
+HAS_COMPILER = bool(shutil.which("g++") or shutil.which("c++"))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One optimizer variant and what it supports."""
+
+    make: Callable[..., torch.optim.Optimizer]
+    #: what a buffer entry is ("momentum": Adam+CM, "gradient": Adam+CG), None without a buffer
+    stores: str | None = None
+    #: two forward/backward passes per step (SAM)
+    sam: bool = False
+    #: the implementation it runs: "fused", "foreach", "forloop" or "compiled" (needs a C++ compiler on the CPU)
+    impl: str = "fused"
+    #: parameter dtypes it trains
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+
+    @property
+    def buffer(self) -> bool:
+        return self.stores is not None
+
+    def __call__(self, params, **kwargs):
+        return self.make(params, **kwargs)
+
+
+ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 OPTIMIZERS = {
-    "adam_cm": lambda ps, **kw: AdamCM(ps, **kw),
-    "adam_cm_foreach": lambda ps, **kw: AdamCM(ps, foreach=True, **kw),
-    "adam_cm_forloop": lambda ps, **kw: AdamCM(ps, foreach=False, **kw),
-    "adam_cm_gradient": lambda ps, **kw: AdamCM(ps, second_moment="gradient", **kw),
-    "adam_cm_bf16_buffer": lambda ps, **kw: AdamCM(ps, buffer_dtype=torch.bfloat16, **kw),
-    "adam_cm_reference": lambda ps, **kw: AdamCM(ps, reference_compat=True, **kw),
-    "adam_cg": lambda ps, **kw: AdamCG(ps, **kw),
-    "adam_cg_forloop": lambda ps, **kw: AdamCG(ps, foreach=False, **kw),
-    "sam_adam_cm": lambda ps, **kw: SAM(ps, AdamCM, rho=0.05, **kw),
-    "asam_adam_cm": lambda ps, **kw: SAM(ps, AdamCM, rho=0.5, adaptive=True, **kw),
-    "sam_adam": lambda ps, **kw: SAM(ps, torch.optim.Adam, rho=0.05, **kw),
-    "sam_adam_cg": lambda ps, **kw: SAM(ps, AdamCG, rho=0.05, **kw),
+    "adam_cm": Variant(lambda ps, **kw: AdamCM(ps, **kw), "momentum", dtypes=ALL_DTYPES),
+    "adam_cm_foreach": Variant(lambda ps, **kw: AdamCM(ps, foreach=True, **kw), "momentum", impl="foreach",
+                               dtypes=ALL_DTYPES),
+    "adam_cm_forloop": Variant(lambda ps, **kw: AdamCM(ps, foreach=False, **kw), "momentum", impl="forloop",
+                               dtypes=ALL_DTYPES),
+    "adam_cm_compiled": Variant(lambda ps, **kw: AdamCM(ps, compiled=True, **kw), "momentum", impl="compiled"),
+    "adam_cm_gradient": Variant(lambda ps, **kw: AdamCM(ps, second_moment="gradient", **kw), "momentum"),
+    "adam_cm_bf16_buffer": Variant(lambda ps, **kw: AdamCM(ps, buffer_dtype=torch.bfloat16, **kw), "momentum"),
+    "adam_cm_int8_buffer": Variant(lambda ps, **kw: AdamCM(ps, buffer_dtype="int8", **kw), "momentum"),
+    "adam_cm_reference": Variant(lambda ps, **kw: AdamCM(ps, reference_compat=True, **kw), "momentum"),
+    "adam_cg": Variant(lambda ps, **kw: AdamCG(ps, **kw), "gradient", dtypes=ALL_DTYPES),
+    "adam_cg_forloop": Variant(lambda ps, **kw: AdamCG(ps, foreach=False, **kw), "gradient", impl="forloop"),
+    "sam_adam_cm": Variant(lambda ps, **kw: SAM(ps, AdamCM, rho=0.05, **kw), "momentum", sam=True),
+    "asam_adam_cm": Variant(lambda ps, **kw: SAM(ps, AdamCM, rho=0.5, adaptive=True, **kw), "momentum", sam=True),
+    "sam_adam": Variant(lambda ps, **kw: SAM(ps, torch.optim.Adam, rho=0.05, **kw), sam=True),
+    "sam_adam_cg": Variant(lambda ps, **kw: SAM(ps, AdamCG, rho=0.05, **kw), "gradient", sam=True),
 }
 NAMES = sorted(OPTIMIZERS)
 
 
-def buffered(opt) -> CriticalBufferOptimizer | None:
-    base = getattr(opt, "base_optimizer", opt)
-    return base if isinstance(base, CriticalBufferOptimizer) else None
+def stored_rows(st: dict) -> torch.Tensor:
+    """The stored entries of a state, as float32 values (dequantised for the 8-bit buffer)."""
+    return B.rows(st, len(st["priority"]), torch.float32)
+
+
+def holds(st: dict, value: torch.Tensor) -> bool:
+    """Whether some row of the buffer stores ``value``, exactly as the buffer stores it."""
+    row = torch.empty_like(st["buffer"][0])
+    scale = st["buffer_scale"][0].clone() if "buffer_scale" in st else None
+    B.write_row_(torch.zeros_like(st["buffer_sum"]), row, value, False, scale)
+    scales = st["buffer_scale"] if scale is not None else [None] * len(st["buffer"])
+    return any(torch.equal(r, row) and (s is None or torch.equal(s, scale)) for r, s in zip(st["buffer"], scales))
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -81,6 +124,8 @@ def assert_state_equal(a: dict, b: dict):
 
 @pytest.fixture(params=NAMES)
 def name(request):
+    if OPTIMIZERS[request.param].impl == "compiled" and not HAS_COMPILER:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
     return request.param
 
 
@@ -89,11 +134,10 @@ def test_multiple_param_groups_use_their_own_hyperparameters(name):
     frozen_before = [p.detach().clone() for p in model[2].parameters()]
     groups = [dict(params=model[0].parameters(), lr=1e-2),
               dict(params=model[2].parameters(), lr=0.0)]
-    extra = {}
-    if name.startswith(("adam_cm", "adam_cg", "sam_adam_c", "asam")):
+    if OPTIMIZERS[name].buffer:
         groups[0].update(buffer_size=3, decay=0.5)
         groups[1].update(buffer_size=2, decay=0.9)
-    opt = OPTIMIZERS[name](groups, **extra)
+    opt = OPTIMIZERS[name](groups)
     first_before = flat(model)[: 6 * 10 + 10].clone()
     train(model, opt, 8)
     # lr = 0 in group 1: it does not move; group 0 does.
@@ -137,15 +181,14 @@ def test_parameters_without_grad_are_skipped_and_buffers_stay_aligned(name):
     for p in last:
         st = buf.state[p]
         n = len(st["priority"])
-        assert torch.allclose(st["buffer"][:n].float().sum(0), st["buffer_sum"].float(), atol=1e-5)
+        assert torch.allclose(stored_rows(st).sum(0), st["buffer_sum"].float(), atol=1e-5)
     # rows written while the last layer was skipped hold what it had then:
-    if buf.stores == "gradient":
+    st = buf.state[last[0]]
+    if OPTIMIZERS[name].stores == "gradient":
         # the 6 skipped steps stored zero gradients for the last layer
-        zero_rows = [(row == 0).all() for row in buf.state[last[0]]["buffer"]]
-        assert any(zero_rows)
+        assert any((row == 0).all() for row in stored_rows(st))
     else:
-        m = buf.state[last[0]]["exp_avg"].to(buf.state[last[0]]["buffer"].dtype)
-        assert any(torch.equal(row, m) for row in buf.state[last[0]]["buffer"])
+        assert holds(st, st["exp_avg"])
 
 
 def test_sparse_gradients_give_a_clear_error(name):
@@ -173,7 +216,7 @@ INVALID = [
     ("buffer_size", dict(buffer_size=-1)),
     ("buffer_size", dict(buffer_size=2.5)),
     ("kappa", dict(kappa=-1.0)),
-    ("buffer_dtype", dict(buffer_dtype=torch.int8)),
+    ("buffer_dtype", dict(buffer_dtype=torch.int32)),
 ]
 
 
@@ -420,6 +463,29 @@ def test_trains_a_small_mlp(name):
     for _ in range(400):
         opt.step(closure)
     assert float(closure()) < 0.1 * first
+
+
+def test_trains_in_each_declared_dtype(name):
+    """Every parameter dtype a variant declares trains, with moments in that dtype."""
+    variant = OPTIMIZERS[name]
+    for dtype in variant.dtypes:
+        torch.manual_seed(0)
+        x = torch.randn(64, 6, dtype=dtype)
+        y = (x.float() @ torch.randn(6, 3)).to(dtype)
+        model = make_model().to(dtype)
+        opt = variant(model.parameters(), lr=1e-2)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x).float(), y.float())
+            loss.backward()
+            return loss
+
+        first = float(closure().detach())
+        for _ in range(60):
+            opt.step(closure)
+        assert float(closure().detach()) < 0.5 * first, dtype
+        assert all(opt.state[p]["exp_avg"].dtype == dtype for p in model.parameters()), dtype
 
 
 def test_avalanche_style_state_reset(name):

@@ -113,7 +113,7 @@ def test_cli_grid_and_report(data_root, tmp_path, capsys):
     report = (out / "report" / "report.md").read_text()
     assert "## cifar10, preset `smoke` (supervised)" in report
     assert "| `adam_cm` | 2 |" in report and "Paired difference to Adam" in report
-    assert (out / "report" / "figures").glob("*-sharpness.png")
+    assert list((out / "report" / "figures").glob("*-sharpness.png")), "the report draws the sharpness figure"
 
 
 def test_bad_supervised_settings():
