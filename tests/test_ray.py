@@ -153,7 +153,7 @@ def test_a_sweep_on_ray_gives_the_metrics_of_the_local_executor(ray_address, swe
         assert config["environment"]["torch_threads"] == 1 and config["config"]["device"] == "cpu"
 
 
-def test_a_killed_driver_is_finished_by_running_the_sweep_again(ray_address, sweep_file, local_sweep, tmp_path,
+def test_a_killed_driver_is_finished_by_running_the_sweep_again_locally(ray_address, sweep_file, local_sweep, tmp_path,
                                                                 capsys):
     out = tmp_path / "killed"
     driver = subprocess.Popen([sys.executable, "-m", "experiments.cli", "sweep", str(sweep_file), "--out", str(out),
@@ -173,7 +173,7 @@ def test_a_killed_driver_is_finished_by_running_the_sweep_again(ray_address, swe
     assert checkpointed not in finished and (checkpointed / "checkpoint.pkl").exists(), "the kill came too late"
     assert 1 <= len(finished) < 4
 
-    assert cli(["sweep", str(sweep_file), "--out", str(out), "--executor", "ray"]) == 0
+    assert cli(["sweep", str(sweep_file), "--out", str(out)]) == 0  # again, on the local executor this time
     printed = capsys.readouterr().out
     assert f": {4 - len(finished)} done, {len(finished)} done before" in printed
     assert all(p.stat().st_mtime_ns == finished[p.parent] for p in out.rglob("metrics.json") if p.parent in finished)
@@ -190,9 +190,16 @@ def test_a_worker_killed_during_a_run_is_retried_once_and_the_sweep_finishes(ray
     sweep = threading.Thread(target=lambda: statuses.update(run_sweep(
         C.load_file(sweep_file), out, progress=False, executor=RayExecutor())))
     sweep.start()
+    def running() -> tuple[Path, int] | bool | None:
+        """A checkpointed run and the worker training it (True: the sweep ended first)."""
+        folder = interrupted(out)
+        worker = lock_holder(folder) if folder else None
+        return (folder, worker) if worker else not sweep.is_alive()
+
     try:
-        folder = wait_for(lambda: interrupted(out), "a checkpointed run")
-        worker = wait_for(lambda: lock_holder(folder), "the worker holding the run's lock")
+        found = wait_for(running, "a checkpointed run and its worker")
+        assert found is not True, f"the sweep ended before a run could be caught: {statuses}"
+        folder, worker = found
         os.kill(worker, signal.SIGKILL)
         wait_for(lambda: not Path(f"/proc/{worker}").exists(), "the worker to die", 10)
         # the only process that was running this run is dead: a finished run now can only come from a retry
