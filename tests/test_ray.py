@@ -153,8 +153,8 @@ def test_a_sweep_on_ray_gives_the_metrics_of_the_local_executor(ray_address, swe
         assert config["environment"]["torch_threads"] == 1 and config["config"]["device"] == "cpu"
 
 
-def test_a_killed_driver_is_finished_by_running_the_sweep_again_locally(ray_address, sweep_file, local_sweep, tmp_path,
-                                                                capsys):
+def test_a_killed_driver_is_finished_by_running_the_sweep_again_locally(ray_address, sweep_file, local_sweep,
+                                                                        tmp_path, capsys):
     out = tmp_path / "killed"
     driver = subprocess.Popen([sys.executable, "-m", "experiments.cli", "sweep", str(sweep_file), "--out", str(out),
                                "--executor", "ray", "--address", ray_address], cwd=ROOT,
@@ -190,6 +190,7 @@ def test_a_worker_killed_during_a_run_is_retried_once_and_the_sweep_finishes(ray
     sweep = threading.Thread(target=lambda: statuses.update(run_sweep(
         C.load_file(sweep_file), out, progress=False, executor=RayExecutor())))
     sweep.start()
+
     def running() -> tuple[Path, int] | bool | None:
         """A checkpointed run and the worker training it (True: the sweep ended first)."""
         folder = interrupted(out)
