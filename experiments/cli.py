@@ -4,6 +4,7 @@
               --seed 0 --preset cpu --data-root data --out runs/one
     cl-cm run --config my_run.toml [--seed 1 ...]     # a config file stands in for the flags
     cl-cm sweep experiments/configs/readme_comparison.toml [--out runs/readme] [--jobs 2]
+    cl-cm sweep experiments/configs/readme_comparison.toml --executor ray [--address HOST:6379]   # on a Ray cluster
     cl-cm report runs/readme
     torchrun --nproc_per_node 2 -m experiments.cli run|sweep|supervised ...   # data split across ranks
 
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -33,13 +35,16 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_argument("file", help="sweep file (TOML or JSON)")
     sweep.add_argument("--out", help="results folder (default: the file's [sweep] out, else runs/<file name>)")
-    sweep.add_argument("--jobs", type=int, help="parallel processes (default: the file's [sweep] jobs, else 1)")
+    sweep.add_argument("--jobs", type=int, help="parallel processes (default: the file's [sweep] jobs, else 1); with "
+                                                "--executor ray, at most this many runs at once (default: as many as "
+                                                "the cluster holds)")
     sweep.add_argument("--data-root", help="overrides [base] data_root")
     sweep.add_argument("--device", help="overrides [base] device")
     sweep.add_argument("--tuned", help="tuned.toml of cl-cm tune: each cell runs with its arm's chosen settings "
                                        "(overrides [base] tuned)")
     sweep.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     sweep.add_argument("--report", action="store_true", help="write the report when the sweep is done")
+    _executor_arguments(sweep)
 
     tune = sub.add_parser("tune", help="choose each arm's hyperparameters on validation data (Optuna; resumable)",
                           description=__import__("experiments.tuning", fromlist=["x"]).__doc__,
@@ -47,11 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("file", help="tune file (TOML or JSON): [tune], [base], [grid] and [space]")
     tune.add_argument("--out", help="results folder (default: the file's [tune] out, else runs/<file name>)")
     tune.add_argument("--trials", type=int, help="trials per arm (default: [tune] trials, else each arm's whole grid)")
-    tune.add_argument("--jobs", type=int, help="parallel worker processes (default: [tune] jobs, else 1)")
+    tune.add_argument("--jobs", type=int, help="parallel worker processes (default: [tune] jobs, else 1); with "
+                                               "--executor ray, worker tasks (default: as many runs as the cluster "
+                                               "holds at once)")
     tune.add_argument("--storage", help="Optuna storage URL shared by workers, e.g. sqlite:///tune.db or "
                                         "postgresql://... (default: the journal file OUT/optuna.journal)")
     tune.add_argument("--data-root", help="overrides [base] data_root")
     tune.add_argument("--device", help="overrides [base] device")
+    _executor_arguments(tune)
 
     study = sub.add_parser("study", help="tune every arm on validation data, then run it on the test data, for a "
                                          "folder of study files (resumable)",
@@ -60,11 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("target", nargs="?", default="experiments/studies",
                        help="a study file or a folder of them (default: experiments/studies)")
     study.add_argument("--out", default="runs/study", help="results folder (default: runs/study)")
-    study.add_argument("--jobs", type=int, default=1, help="parallel processes (default: 1)")
+    study.add_argument("--jobs", type=int, help="parallel processes (default: 1; on Ray: as many runs as the "
+                                                "cluster holds at once)")
     study.add_argument("--quick", action="store_true", help="only the arms each study lists as quick")
     study.add_argument("--data-root", help="overrides [base] data_root")
     study.add_argument("--device", help="overrides [base] device")
     study.add_argument("--dry-run", action="store_true", help="list the studies and their arms, and exit")
+    _executor_arguments(study)
 
     from .supervised import SupervisedConfig
     from .toy import LANDSCAPES, TOY_OPTIMIZERS
@@ -103,6 +113,28 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _executor_arguments(parser: argparse.ArgumentParser) -> None:
+    """--executor and the Ray options (docs/distributed.md)."""
+    group = parser.add_argument_group("where the runs execute (docs/distributed.md)")
+    group.add_argument("--executor", choices=("local", "ray"), default="local",
+                       help="local: processes on this machine (--jobs); ray: one Ray task per run on a Ray cluster, "
+                            "the results folder on storage every node sees (default: local)")
+    group.add_argument("--address", help="Ray cluster to join, e.g. 10.0.0.1:6379 or auto (default: $RAY_ADDRESS, "
+                                         "else a local Ray instance sized to this machine)")
+    group.add_argument("--cpus-per-run", type=float, help="CPUs Ray reserves for each run, also its torch threads "
+                                                          "(default: the runs' threads, else 1)")
+    group.add_argument("--gpus-per-run", type=float, help="GPUs Ray reserves for each run; a fraction shares a GPU "
+                                                          "(default: 1 for runs on a GPU: --device cuda, or no device "
+                                                          "on a cluster with GPUs; else 0)")
+
+
+def _executor(args):
+    """The executor the flags ask for (None: this machine's processes)."""
+    from .executors import make_executor
+
+    return make_executor(args.executor, args.jobs, args.address, args.cpus_per_run, args.gpus_per_run)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from .data import DataNotFoundError
@@ -126,7 +158,10 @@ def main(argv=None) -> int:
             if args.dry_run:
                 print("\n".join(describe(args.target, overrides, args.quick, args.out)))
                 return 0
-            summary = run_study(args.target, args.out, args.jobs, args.quick, overrides)
+            executor = _executor(args)
+            with executor or contextlib.nullcontext():
+                summary = run_study(args.target, args.out, args.jobs if executor else args.jobs or 1, args.quick,
+                                    overrides, executor=executor)
             print(f"study: {sum(s['runs'] for s in summary['studies'])} reported runs, "
                   f"{summary['runs_failed']} failed, {summary['seconds'] / 60:.1f} min")
             return 1 if summary["runs_failed"] else 0
@@ -134,8 +169,14 @@ def main(argv=None) -> int:
             from .tuning import tune
 
             overrides = {k: v for k, v in (("data_root", args.data_root), ("device", args.device)) if v}
-            tune(args.file, out=args.out, trials=args.trials, jobs=args.jobs, storage=args.storage,
-                 overrides=overrides)
+            if args.executor != "local":
+                from .tuning import load_spec
+
+                load_spec(args.file, overrides, trials=args.trials, out=args.out, jobs=args.jobs)  # before Ray starts
+            executor = _executor(args)
+            with executor or contextlib.nullcontext():
+                tune(args.file, out=args.out, trials=args.trials, jobs=args.jobs, storage=args.storage,
+                     overrides=overrides, executor=executor)
         elif args.command == "toy":
             return _toy(args)
         elif args.command == "report":
@@ -166,16 +207,20 @@ def _sweep(args) -> int:
     from .launch import rank_and_world
 
     rank, world = rank_and_world()
-    if world > 1 and jobs > 1:
+    if world > 1 and (jobs > 1 or args.executor != "local"):
         raise C.ConfigError(f"under torchrun a sweep runs its cells one after another on all {world} ranks; "
-                            "set --jobs 1 (or jobs = 1 in [sweep])")
-    statuses = run_sweep(spec, out, jobs, overrides, progress=rank == 0)
+                            "set --jobs 1 (or jobs = 1 in [sweep]) and --executor local")
+    if args.executor != "local":
+        expand(spec, out, overrides)  # bad input fails here, before Ray starts
+    executor = _executor(args)
+    with executor or contextlib.nullcontext():
+        statuses = run_sweep(spec, out, jobs, overrides, progress=rank == 0, executor=executor)
     if rank != 0:
         return 0
-    failed = {k: v for k, v in statuses.items() if v.startswith("failed")}
-    print(f"sweep: {len(statuses)} runs in {out}: " + ", ".join(
-        f"{sum(v == s for v in statuses.values())} {s}" for s in sorted(set(statuses.values()))))
-    for folder, status in failed.items():
+    kinds = [v.split(":")[0] for v in statuses.values()]  # done, done before, running elsewhere, failed in the run...
+    print(f"sweep: {len(statuses)} runs in {out}: " + ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds))))
+    failed = sorted((v, k) for k, v in statuses.items() if v.startswith("failed"))
+    for status, folder in failed:  # the runs that raised, then those lost with their worker or node
         print(f"  {folder}: {status}", file=sys.stderr)
     if args.report:
         from .report import render

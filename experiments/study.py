@@ -111,8 +111,9 @@ def _labels(spec: dict[str, Any], overrides) -> list[str]:
 
 
 def run_study(target: str | Path, out: str | Path = "runs/study", jobs: int = 1, quick: bool = False,
-              overrides: dict[str, Any] | None = None, report: bool = True) -> dict[str, Any]:
-    """Tune, then run, every study file of ``target``; returns a summary."""
+              overrides: dict[str, Any] | None = None, report: bool = True, executor=None) -> dict[str, Any]:
+    """Tune, then run, every study file of ``target`` on ``executor`` (default:
+    this machine, ``jobs`` processes); returns a summary."""
     from .io import write_text
     from .sweep import run_sweep
     from .tuning import _toml, tune
@@ -136,17 +137,18 @@ def run_study(target: str | Path, out: str | Path = "runs/study", jobs: int = 1,
         tune_dir.mkdir(parents=True, exist_ok=True)
         write_text(tune_file, _spec_toml(spec, _toml))
         print(f"study {info['name']}: tuning ({path})", flush=True)
-        tuned = tune(tune_file, out=str(tune_dir), jobs=jobs, overrides=overrides)
+        tuned = tune(tune_file, out=str(tune_dir), jobs=jobs, overrides=overrides, executor=executor)
         sweep = {"base": {**spec.get("base", {}), "tuned": str(tuned)},
                  "grid": [{**{k: v for k, v in g.items() if k != "space"}, "seed": info["seeds"]}
                           for g in spec["grid"]]}
         print(f"study {info['name']}: {len(info['seeds'])} seeds per arm on the test data", flush=True)
-        statuses = run_sweep(sweep, out / "results" / info["name"], jobs, overrides, progress=True)
+        statuses = run_sweep(sweep, out / "results" / info["name"], jobs, overrides, progress=True,
+                             executor=executor)
         failed = [k for k, v in statuses.items() if v.startswith("failed")]
         summary["studies"].append({"name": info["name"], "runs": len(statuses), "failed": failed})
         summary["runs_failed"] += len(failed)
         for folder in failed:
-            print(f"  failed: {folder} (see error.txt)", flush=True)
+            print(f"  {folder}: {statuses[folder]}", flush=True)
     summary["seconds"] = time.perf_counter() - started
     if report and (out / "results").is_dir():
         from .report import render

@@ -21,19 +21,23 @@ pooled. Boundary policies only multiply optimizers that have a buffer;
 duplicate cells are dropped. Every cell runs in ``<out>/<benchmark>-<preset>/<strategy>/<policy>/seed<S>``;
 finished cells are skipped and unfinished ones resume from their last
 completed experience, so a killed sweep is finished by running it again.
+The cells run on this machine (``--jobs`` processes) or, with ``--executor
+ray``, as tasks on a Ray cluster (:mod:`experiments.executors`), with the same
+folders, locks and resumption; a cell that raised is reported with its
+message and never retried.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
-import multiprocessing
-import os
+import sys
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from . import config as C
+from .executors import LocalExecutor, error_line, run_ranks
 from .io import RunLocked
 from .launch import rank_and_world
 
@@ -109,8 +113,9 @@ def _expand_grid(base: C.RunConfig, grid: dict[str, Any]) -> list[C.RunConfig]:
     return cells
 
 
-def _run_cell(cfg_dict: dict[str, Any], threads: int | None) -> tuple[str, str]:
-    """Run one cell (in this process or a worker); returns (folder, status)."""
+def _run_cell(cfg_dict: dict[str, Any], threads: int | None, ranks: int = 1) -> tuple[str, str]:
+    """Run one cell (in this process or a worker; ``ranks`` > 1: as a torchrun
+    of that many processes); returns (folder, status)."""
     from .runner import run
 
     cfg = C.RunConfig(**cfg_dict)
@@ -118,39 +123,50 @@ def _run_cell(cfg_dict: dict[str, Any], threads: int | None) -> tuple[str, str]:
         cfg = dataclasses.replace(cfg, threads=cfg.threads or threads)
     already = (Path(cfg.out) / "metrics.json").exists()
     try:
-        run(dataclasses.replace(cfg, progress=False), quiet=True)
+        if ranks > 1:
+            run_ranks(cfg, ranks)
+        else:
+            run(dataclasses.replace(cfg, progress=False), quiet=True)
     except RunLocked:
         return cfg.out, "running elsewhere"
     except Exception:  # noqa: BLE001 - one broken cell must not stop the sweep ...
         if rank_and_world()[1] > 1:
             raise  # ... except under torchrun, where the ranks would wait for each other forever
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "error.txt").write_text(traceback.format_exc())
-        return cfg.out, "failed (see error.txt)"
+        return cfg.out, f"{FAILED_IN_RUN}: {error_line(sys.exc_info()[1])} (see error.txt)"
     return cfg.out, "done before" if already else "done"
 
 
+#: the two kinds of failure a sweep reports: the run raised (never retried), or its worker or node was lost
+FAILED_IN_RUN, FAILED_ON_NODE = "failed in the run", "failed on the node"
+
+
 def run_sweep(spec: dict[str, Any], out: str | Path, jobs: int = 1, overrides: dict[str, Any] | None = None,
-              progress: bool = True) -> dict[str, str]:
-    """Run every cell; returns {folder: status}."""
+              progress: bool = True, executor=None) -> dict[str, str]:
+    """Run every cell on ``executor`` (default: this machine, ``jobs``
+    processes); returns {folder: status}."""
     from tqdm.auto import tqdm
 
     cells = expand(spec, out, overrides)
+    names = [str(Path(cell.out).relative_to(out)) for cell in cells]
+    executor = executor or LocalExecutor(jobs)
+    slot = executor.slot(cells)
+    cells = [executor.place(cell, slot) for cell in cells]
     statuses: dict[str, str] = {}
     bar = tqdm(total=len(cells), desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
-    if jobs <= 1:
-        for cell in cells:
-            bar.set_postfix_str(str(Path(cell.out).relative_to(out)))
-            folder, status = _run_cell(cell.to_dict(), None)
-            statuses[folder] = status
-            bar.update(1)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(_run_cell, cell.to_dict(), threads) for cell in cells]
-            for fut in as_completed(futures):
-                folder, status = fut.result()
-                statuses[folder] = status
-                bar.update(1)
+    for outcome in executor.map(_run_cell, [(cell.to_dict(), slot.threads, slot.ranks) for cell in cells], slot):
+        cell = cells[outcome.index]
+        if outcome.error is None:
+            folder, status = outcome.value
+        else:  # the call never returned: its worker or node was lost (Ray retried it once), or it could not start
+            folder = cell.out
+            status = f"{FAILED_ON_NODE if outcome.lost else FAILED_IN_RUN}: {outcome.message}"
+            with contextlib.suppress(OSError):
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                (Path(folder) / "error.txt").write_text(f"{status}\nRun the sweep again to resume this run.\n")
+        statuses[folder] = status
+        bar.set_postfix_str(names[outcome.index])
+        bar.update(1)
     bar.close()
     return statuses

@@ -45,6 +45,9 @@ shared by workers on several machines); each arm is one Optuna study. A
 killed tune resumes where it stopped when run again: the trial that was
 running is run again with the same values, resuming its runs from their
 checkpoints. Workers sharing a storage never run the same trial twice.
+``--jobs N`` starts N workers on this machine; ``--executor ray`` runs each
+worker as a task on a Ray cluster (:mod:`experiments.executors`; the folder
+and the journal on storage every node sees, or an RDB URL).
 
 When every arm has its trials, ``DIR/tuned.toml`` holds, for each arm, the
 chosen values, the validation score with its spread over seeds, the protocol
@@ -57,8 +60,6 @@ import contextlib
 import dataclasses
 import fcntl
 import math
-import multiprocessing
-import os
 import re
 import sys
 import time
@@ -368,15 +369,18 @@ class TrialFailed(RuntimeError):
     """A trial's run raised; the trial is recorded as failed and the tune goes on."""
 
 
-def run_trial(spec: TuneSpec, arm: Arm, params: dict[str, Any], out: Path, threads: int | None) -> dict[str, Any]:
-    """Train the trial's runs (one per seed) on validation data; its score and spread."""
+def run_trial(spec: TuneSpec, arm: Arm, params: dict[str, Any], out: Path, threads: int | None,
+              ranks: int = 1) -> dict[str, Any]:
+    """Train the trial's runs (one per seed; ``ranks`` > 1: each a torchrun of
+    that many processes) on validation data; its score and spread."""
+    from .executors import run_ranks
     from .runner import run
 
     scores = []
     for cfg in trial_configs(spec, arm, params, out):
         if threads:
             cfg = dataclasses.replace(cfg, threads=threads)
-        metrics = run(cfg, quiet=True)
+        metrics = run(cfg, quiet=True) if ranks == 1 else run_ranks(cfg, ranks)
         if metrics.get("eval_split") != "validation":
             raise RuntimeError(f"{cfg.out} was evaluated on {metrics.get('eval_split')!r} data, not validation")
         scores.append(metrics["acc"])
@@ -385,7 +389,8 @@ def run_trial(spec: TuneSpec, arm: Arm, params: dict[str, Any], out: Path, threa
     return {"value": mean, "std": std, "scores": scores}
 
 
-def worker(spec: TuneSpec, storage: str, out: str | Path, threads: int | None = None, seed: int = 0) -> None:
+def worker(spec: TuneSpec, storage: str, out: str | Path, threads: int | None = None, seed: int = 0,
+           ranks: int = 1) -> None:
     """Run trials until every arm has its budget (``Study.optimize`` with a
     budget callback); other workers may share the storage."""
     import optuna
@@ -411,7 +416,7 @@ def worker(spec: TuneSpec, storage: str, out: str | Path, threads: int | None = 
                     raise TrialFailed(f"trial {trial.number} is locked by another worker")
                 params = {k: _suggest(trial, k, v) for k, v in arm.space.items()}
                 try:
-                    result = run_trial(spec, arm, params, out, threads)
+                    result = run_trial(spec, arm, params, out, threads, ranks)
                 except (C.ConfigError, DataNotFoundError, RunLocked):
                     raise  # every trial would fail alike: stop the tune
                 except Exception as e:  # noqa: BLE001 - a failed trial is recorded, the tune goes on
@@ -451,16 +456,17 @@ def _progress(arm: Arm, number: int, n_budget: int, params, result, error, study
     print(line, flush=True)
 
 
-def _worker_process(path: str, overrides, trials, out, storage, threads, seed) -> int:
-    spec = load_spec(path, overrides, trials=trials, out=out)
-    return worker(spec, storage, out, threads, seed)
-
-
 # ------------------------------------------------------------ the command
 def tune(path: str | Path, out: str | None = None, trials: int | None = None, jobs: int | None = None,
-         storage: str | None = None, overrides: dict[str, Any] | None = None, seed: int = 0) -> Path:
-    """Tune every arm of the file at ``path``; write and return ``tuned.toml``."""
-    from .io import read_json, write_json
+         storage: str | None = None, overrides: dict[str, Any] | None = None, seed: int = 0,
+         executor=None) -> Path:
+    """Tune every arm of the file at ``path``; write and return ``tuned.toml``.
+    The workers run on ``executor`` (default: this machine, ``jobs``
+    processes); on Ray, ``jobs`` workers (default: as many runs as the cluster
+    holds at once, at most one per trial), each a task sharing the storage."""
+    from .data import DataNotFoundError
+    from .executors import LocalExecutor
+    from .io import RunLocked, read_json, write_json
 
     spec = load_spec(path, overrides, trials=trials, out=out, jobs=jobs)
     out_dir = Path(spec.out)
@@ -475,6 +481,8 @@ def tune(path: str | Path, out: str | None = None, trials: int | None = None, jo
             raise C.ConfigError(f"{out_dir} holds a tune with other settings ({', '.join(changed)} differ); choose "
                                 "another --out or delete that folder")
     url = storage_url(out_dir, storage)
+    executor = executor or LocalExecutor(spec.jobs)
+    slot = executor.slot([a.cfg for a in spec.arms])  # before anything is written: a run must fit a node
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(saved, record)
     started = time.perf_counter()
@@ -484,21 +492,20 @@ def tune(path: str | Path, out: str | None = None, trials: int | None = None, jo
     if len(set(budgets)) > 1:
         print(f"tune: note: the arms get {min(budgets)} to {max(budgets)} trials (their grids differ in size); "
               "set trials = N in [tune] and search ranges for an equal budget", flush=True)
-    if spec.jobs <= 1:
-        worker(spec, url, out_dir, None, seed)
+    if executor.remote:  # every worker sees the arms, the folder and the journal at absolute paths
+        workers = jobs or max(1, min(sum(budgets), executor.capacity(slot)))
+        remote = dataclasses.replace(spec, arms=[Arm(executor.place(a.cfg, slot), a.space) for a in spec.arms])
+        shared = url if "://" in url else str(Path(url).absolute())
+        call = (remote, shared, str(out_dir.absolute()), slot.threads, seed, slot.ranks)
     else:
-        threads = max(1, (os.cpu_count() or 1) // spec.jobs)
-        ctx = multiprocessing.get_context("spawn")
-        procs = [ctx.Process(target=_worker_process, args=(str(path), overrides, trials, str(out_dir), url, threads,
-                                                           seed)) for _ in range(spec.jobs)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        failed = [p.exitcode for p in procs if p.exitcode]
-        if failed:
-            raise RuntimeError(f"{len(failed)} tune worker(s) exited with an error (codes {failed}); run the same "
-                               "command again to resume")
+        workers, call = spec.jobs, (spec, url, out_dir, slot.threads, seed)
+    failed = [o for o in executor.map(worker, [call] * workers, slot) if o.error is not None]
+    for o in failed:  # a setting or the data every trial would share: one clear error
+        if isinstance(o.error, (C.ConfigError, DataNotFoundError, RunLocked)):
+            raise o.error
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {workers} tune worker(s) failed (" + "; ".join(
+            ("lost: " if o.lost else "") + o.message for o in failed) + "); run the same command again to resume")
     result = write_tuned(spec, url, out_dir, path)
     print(f"tune: done in {time.perf_counter() - started:.0f} s; chosen settings in {result}", flush=True)
     return result
