@@ -84,27 +84,37 @@ def secret_key() -> bytes:
                               "e.g. the output of: python -c 'import secrets; print(secrets.token_hex(32))'")
         return key
     path = key_path()
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
-                os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
-    mode = path.stat().st_mode
+    try:
+        if not path.exists():
+            _make_key(path)
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot make or read the checkpoint key {path} ({e.strerror}); set {KEY_ENV} to a "
+                          "secret of at least 16 characters instead") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(f"checkpoint key {path} can be read or written by other users (mode "
                           f"{stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
-    key = path.read_text().strip().encode()
+    key = text.strip().encode()
     if len(key) < 16:
         raise ConfigError(f"checkpoint key {path} is too short to be a secret; delete it and a new one is made")
     return key
+
+
+def _make_key(path: Path) -> None:
+    """32 random bytes (hex) in ``path``, mode 0600, written whole before the file appears."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
 
 
 def _tag(key: bytes, length: bytes, payload: bytes) -> bytes:

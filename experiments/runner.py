@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from . import config as C
 from . import metrics as M
+from .checkpoint import secret_key
 from .io import check_out
 from .launch import default_device, rank_and_world
 from .results import managed_run
@@ -126,6 +127,7 @@ def run(cfg: C.RunConfig, *, quiet: bool = False) -> dict[str, Any]:
     from .tuning import tuned_keys
 
     check_out(cfg.out)
+    secret_key()  # the checkpoint key, made or read before anything is written
     metrics, _ = managed_run(cfg.out, cfg.to_dict(), C.RUNTIME_FIELDS,
                              C.protocol(cfg.benchmark, cfg.preset)["_description"],
                              lambda out: _train(cfg, out, quiet),
