@@ -394,6 +394,30 @@ def test_non_finite_losses_stop_supervised_and_toy_runs(data_root, tmp_path, cap
     assert cli(toy) == 0
 
 
+@pytest.mark.parametrize("losses,stops", [([1.0, 3e38, 3e38, 2.0], False), ([1.0, math.inf, 2.0], True),
+                                          ([-math.inf], True), ([1.0, math.nan], True)])
+def test_the_finite_loss_check_flags_exactly_nan_and_infinite_losses(losses, stops):
+    import types
+
+    import torch
+
+    from strategies import FiniteLossPlugin, NonFiniteLossError
+
+    plugin = FiniteLossPlugin()
+    strategy = types.SimpleNamespace(optimizer=types.SimpleNamespace(param_groups=[{"lr": 0.1}]),
+                                     clock=types.SimpleNamespace(train_exp_counter=4))
+    plugin.before_training_exp(strategy)
+    plugin.before_training_epoch(strategy)
+    for value in losses:  # large finite losses never add up to an overflow
+        strategy.loss = torch.tensor(value)
+        plugin.after_training_iteration(strategy)
+    if stops:
+        with pytest.raises(NonFiniteLossError, match="experience 4 \\(epoch 1\\) with learning rate 0.1"):
+            plugin.after_training_epoch(strategy)
+    else:
+        plugin.after_training_epoch(strategy)
+
+
 # ------------------------------------------------------- skipped steps
 def _poison_first_step():
     import experiments.runner as R
