@@ -74,7 +74,7 @@ def check_out(path: str | Path, what: str = "--out") -> None:
     if not existing.is_dir():
         raise ConfigError(f"{what} {path}: {existing} is a file, so that folder cannot be made; give another folder")
     try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".cl-cm-probe-", suffix=".tmp")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".cl-cm-probe-", suffix=".probe")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
