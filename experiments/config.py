@@ -219,6 +219,22 @@ VALID: dict[str, Range | tuple] = {
 }
 
 
+def is_number(value, integer: bool = False) -> bool:
+    """A finite int (or, unless ``integer``, float or an int that a float holds), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    try:
+        return integer or math.isfinite(float(value))
+    except OverflowError:  # an int beyond the floats
+        return False
+
+
+def _shown(value, limit: int = 60) -> str:
+    """``repr(value)``, shortened to ``limit`` characters for the error line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)} characters)"
+
+
 def _optional(f: dataclasses.Field) -> bool:
     return "None" in str(f.type)
 
@@ -235,17 +251,16 @@ def checked_value(f: dataclasses.Field, value, valid=None):
         raise ConfigError(f"{name} needs a value (default: {f.default!r})")
     if kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
+            raise ConfigError(f"{name} must be true or false, got {_shown(value)}")
         return value
     if kind in (int, float):
         integer = kind is int
-        wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
         rule = rule if isinstance(rule, Range) else Range()
-        if wrong_type or not math.isfinite(value) or not rule.admits(value):
-            raise ConfigError(f"{name} must be {rule.describe(integer)}, got {value!r}")
+        if not is_number(value, integer) or not rule.admits(value):
+            raise ConfigError(f"{name} must be {rule.describe(integer)}, got {_shown(value)}")
         return value if integer else float(value)
     if not isinstance(value, str):
-        raise ConfigError(f"{name} must be a text value, got {value!r}")
+        raise ConfigError(f"{name} must be a text value, got {_shown(value)}")
     choices = f.metadata.get("choices") or (rule if isinstance(rule, tuple) else None)
     if choices:
         check_choice(name, value, choices)

@@ -94,7 +94,7 @@ class _Malformed(Exception):
 def _is_number(x, none: bool = False) -> bool:
     if x is None:
         return none
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return C.is_number(x)
 
 
 def _need(table: dict, key: str, test, what: str, file: Path) -> Any:

@@ -82,8 +82,7 @@ def check_toy(args) -> None:
     from . import config as C
 
     def number(flag, value, rule, integer=False):
-        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
-                or not math.isfinite(value) or not rule.admits(value):
+        if not C.is_number(value, integer) or not rule.admits(value):
             raise C.ConfigError(f"{flag} must be {rule.describe(integer)}, got {value!r}")
 
     number("--starts", args.starts, C.AT_LEAST_ONE, integer=True)

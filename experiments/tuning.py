@@ -132,7 +132,7 @@ def _check_space(space: Any, where: str) -> dict[str, Any]:
             if "low" not in value or "high" not in value:
                 raise C.ConfigError(f"{where} {key} needs low and high, e.g. {{ low = 1e-4, high = 1e-2, log = true }}")
             low, high = value["low"], value["high"]
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
+            if not all(C.is_number(v) for v in (low, high)):
                 raise C.ConfigError(f"{where} {key}: low and high must be finite numbers, got {low!r} and {high!r}")
             if low > high:
                 raise C.ConfigError(f"{where} {key}: low ({low}) is greater than high ({high}); swap them")
@@ -143,8 +143,7 @@ def _check_space(space: Any, where: str) -> dict[str, Any]:
             if "log" in value and not isinstance(value["log"], bool):
                 raise C.ConfigError(f"{where} {key}: log must be true or false, got {value['log']!r}")
             step = value.get("step")
-            if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float))
-                                     or not math.isfinite(step) or step <= 0):
+            if step is not None and (not C.is_number(step) or step <= 0):
                 raise C.ConfigError(f"{where} {key}: step must be a finite number > 0, got {step!r}")
         else:
             raise C.ConfigError(f"{where} {key} must be a list of values or a range {{ low = ..., high = ... }}, "

@@ -167,6 +167,8 @@ def test_every_setting_of_a_config_file_refuses_values_of_the_wrong_type(name, t
     (["--optimizer", "adam_cm", "--kappa-schedule", "linear", "--kappa-end", "-1"], "kappa_end must be a finite"),
     (["--seed", "-1"], "seed must be an integer in [0, 4294967295], got -1"),
     (["--seed", str(2**64)], f"got {2**64}"),
+    (["--seed", str(10**400)], "(401 characters)"),
+    (["--lr", str(10**400)], "lr must be a finite number > 0, got inf"),
     (["--threads", "-1"], "threads must be an integer >= 1"),
     (["--eval-batch-size", "0"], "eval_batch_size must be an integer >= 1"),
     (["--device", "nope"], "device 'nope' is not a device name"),
@@ -185,6 +187,14 @@ def test_every_setting_of_a_config_file_refuses_values_of_the_wrong_type(name, t
 ])
 def test_the_inputs_that_used_to_end_in_a_traceback(argv, needle, tmp_path, capsys):
     refused(capsys, ["run", "--out", tmp_path / "out", "--data-root", tmp_path / "data", *argv], tmp_path, needle)
+
+
+def test_numbers_beyond_the_floats_in_a_json_config_are_refused(tmp_path, capsys):
+    config = tmp_path / "run.json"
+    for name in ("lr", "seed", "kappa"):
+        config.write_text(f'{{"{name}": 1{"0" * 400}}}')
+        refused(capsys, ["run", "--config", config, "--out", tmp_path / "o"], tmp_path, f"{name} must be",
+                "(401 characters)")
 
 
 def test_an_out_folder_that_cannot_be_written_is_refused(tmp_path, capsys, read_only_folder):
