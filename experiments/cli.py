@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         elif args.command == "report":
             from .report import render
 
-            if not Path(args.folder).is_dir():
+            if C.path_kind(args.folder, "the report folder") != "folder":
                 raise C.ConfigError(f"{args.folder} is not a folder")
             _check_out(args.out or Path(args.folder) / "report")
             print(f"report: {render(args.folder, args.out, reference=args.reference)}")

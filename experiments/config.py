@@ -302,9 +302,24 @@ def check_device(device: str | None) -> None:
     raise ConfigError(f"device {device!r} is not available here; use cpu or cuda[:N]")
 
 
+def path_kind(path, what: str) -> str:
+    """"missing", "file" or "folder": what a path given by the user names. A
+    path that cannot even be looked up (a NUL character, a name too long, a
+    folder without permission) is a :class:`ConfigError` naming the setting."""
+    try:
+        if "\0" in str(path):
+            raise ValueError("it holds a NUL character")
+        p = Path(path).expanduser()
+        if not p.exists():
+            return "missing"
+        return "folder" if p.is_dir() else "file"
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"{what} {_shown(str(path))} cannot be used as a path ({reason})") from None
+
+
 def check_data_root(data_root: str) -> None:
-    path = Path(data_root).expanduser()
-    if path.exists() and not path.is_dir():
+    if path_kind(data_root, "data_root") == "file":
         raise ConfigError(f"data_root {data_root} is a file; give the folder that holds the data sets")
 
 
@@ -336,10 +351,11 @@ def check_keys(keys, where: str, allowed=FIELD_NAMES) -> None:
 
 def load_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML or JSON file into a dict."""
+    kind = path_kind(path, "config file")
     path = Path(path)
-    if not path.exists():
+    if kind == "missing":
         raise ConfigError(f"config file {path} does not exist")
-    if not path.is_file():
+    if kind != "file":
         raise ConfigError(f"config file {path} is not a file; give a TOML or JSON file")
     try:
         text = path.read_bytes()
@@ -458,6 +474,13 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if cfg.validation == "first_tasks" and cfg.validation_tasks > cfg.n_experiences:
         raise ConfigError(f"validation_tasks ({cfg.validation_tasks}) must not exceed n_experiences "
                           f"({cfg.n_experiences})")
+    if cfg.strategy == "agem":  # A-GEM draws sample_size // (experiences in memory) samples from each
+        stored = (cfg.validation_tasks if cfg.validation == "first_tasks" else cfg.n_experiences) - 1
+        sample_size = cfg.sample_size if cfg.sample_size is not None else strategy_options("agem")["sample_size"]
+        if sample_size < stored:
+            raise ConfigError(f"sample_size {sample_size}: A-GEM draws sample_size // (experiences in its memory) "
+                              f"samples from each, and its memory reaches {stored} experiences; use sample_size "
+                              f">= {stored}")
     check_device(cfg.device)
     check_data_root(cfg.data_root)
     check_components(cfg)

@@ -61,13 +61,13 @@ def check_out(path: str | Path, what: str = "--out") -> None:
     """Raise :class:`~experiments.config.ConfigError` unless ``path`` is a
     folder, or can become one, that this process can write in; creates
     nothing (a probe file in the nearest existing folder is removed at once)."""
-    from .config import ConfigError
+    from .config import ConfigError, path_kind
 
     if not str(path).strip():
         raise ConfigError(f"{what} is empty; give a folder")
-    path = Path(path)
-    if path.exists() and not path.is_dir():
+    if path_kind(path, what) == "file":
         raise ConfigError(f"{what} {path} is a file; give a folder")
+    path = Path(path)
     existing = path
     while not existing.exists():
         existing = existing.parent

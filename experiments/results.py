@@ -84,7 +84,7 @@ def managed_run(out: str | Path, settings: dict[str, Any], runtime_keys, protoco
         metrics = train(out)
         dist.barrier()  # rank 0 has written metrics.json
         return metrics, True
-    new_folder = not out.exists()
+    made = _missing_ancestors(out)  # the folders this run makes, removed again when it is refused
     try:
         with run_lock(out):
             check_no_links(out)
@@ -128,11 +128,21 @@ def managed_run(out: str | Path, settings: dict[str, Any], runtime_keys, protoco
             if world > 1:
                 dist.barrier()
     finally:
-        if new_folder and out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:
-            with contextlib.suppress(OSError):  # a folder made for a run that was refused: gone again
+        if made and out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:
+            with contextlib.suppress(OSError):  # folders made for a run that was refused: gone again
                 (out / ".lock").unlink()
-                out.rmdir()
+                for folder in made:
+                    folder.rmdir()
     return metrics, True
+
+
+def _missing_ancestors(out: Path) -> list[Path]:
+    """``out`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    while not out.exists() and out != out.parent:
+        missing.append(out)
+        out = out.parent
+    return missing
 
 
 def _has_checkpoint(out: Path) -> bool:

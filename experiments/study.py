@@ -33,13 +33,14 @@ from . import config as C
 
 def study_files(target: str | Path) -> list[Path]:
     """The study files of a folder (sorted by name), or one file."""
+    kind = C.path_kind(target, "the study target")
     target = Path(target)
-    if target.is_dir():
+    if kind == "folder":
         files = sorted(p for p in target.iterdir() if p.suffix in (".toml", ".json"))
         if not files:
             raise C.ConfigError(f"{target} holds no study files (*.toml)")
         return files
-    if not target.exists():
+    if kind == "missing":
         raise C.ConfigError(f"{target} does not exist; give a study file or a folder of them")
     return [target]
 

@@ -80,6 +80,9 @@ def resolve(cfg: SupervisedConfig) -> SupervisedConfig:
     """Fill the protocol from the preset; check every setting (see :func:`experiments.config.resolve`)."""
     cfg = C.check_values(cfg, VALID)
     C.check_choice("task", cfg.task, TASKS)
+    if cfg.tuned is not None:
+        raise C.ConfigError("tuned applies to continual-learning runs (cl-cm run, sweep), not to cl-cm supervised; "
+                            "give the chosen values as settings")
     C.check_choice("optimizer", cfg.optimizer, tuple(OPTIMIZERS))
     cfg = C.fill_protocol(cfg, cfg.task, LM_PROTOCOL if cfg.task == "ptb" else IMAGE_PROTOCOL)
     cfg = C.check_values(cfg, VALID)

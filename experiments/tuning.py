@@ -675,9 +675,9 @@ _TUNED_CACHE: dict[tuple[str, float], list[dict[str, Any]]] = {}
 
 def load_tuned(path: str | Path) -> list[dict[str, Any]]:
     """The finished arms of a tuned.toml."""
-    path = Path(path)
-    if not path.is_file():
+    if C.path_kind(path, "tuned") != "file":
         raise C.ConfigError(f"tuned file {path} does not exist; run cl-cm tune first, or fix the path")
+    path = Path(path)
     key = (str(path.resolve()), path.stat().st_mtime)
     if key not in _TUNED_CACHE:
         data = C.load_file(path)

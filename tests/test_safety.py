@@ -184,6 +184,7 @@ def test_every_setting_of_a_config_file_refuses_values_of_the_wrong_type(name, t
     (["--benchmark", "split_mnist", "--n-experiences", "3"], "use one of 1, 2, 5, 10"),
     (["--validation", "first_tasks", "--validation-tasks", "11"], "must not exceed n_experiences"),
     (["--optimizer", "adam", "--rho", "0.1"], "rho does not apply to optimizer 'adam'"),
+    (["--strategy", "agem", "--sample-size", "1"], "sample_size 1: A-GEM draws"),
 ])
 def test_the_inputs_that_used_to_end_in_a_traceback(argv, needle, tmp_path, capsys):
     refused(capsys, ["run", "--out", tmp_path / "out", "--data-root", tmp_path / "data", *argv], tmp_path, needle)
@@ -209,6 +210,26 @@ def test_settings_that_only_the_data_can_refuse_leave_nothing_behind(data_root, 
                      "--out", tmp_path / "r"], tmp_path, "validation_fraction 0.999")
     refused(capsys, [*base[:4], tmp_path / "empty", "--no-download", "--out", tmp_path / "r"], tmp_path,
             "MNIST is not in")
+    refused(capsys, [*base, "--train-per-class", "100000", "--out", tmp_path / "a" / "b" / "r"], tmp_path,
+            "train_per_class 100000")  # the folders made for the run are gone again, parents too
+    refused(capsys, ["supervised", "--preset", "smoke", "--data-root", tmp_path / "empty", "--no-download",
+                     "--out", tmp_path / "s"], tmp_path, "CIFAR-10 is not in")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["run", "--data-root=a\0b"], "data_root 'a\\x00b' cannot be used as a path (it holds a NUL character)"),
+    (["run", "--data-root=" + "d" * 5000], "cannot be used as a path (File name too long)"),
+    (["run", "--out=" + "o" * 5000], "--out 'ooo"),
+    (["run", "--out=a\0b"], "cannot be used as a path"),
+    (["run", "--config=a\0b"], "config file 'a\\x00b' cannot be used as a path"),
+    (["run", "--tuned=a\0b"], "tuned 'a\\x00b' cannot be used as a path"),
+    (["report", "a\0b"], "the report folder 'a\\x00b' cannot be used as a path"),
+    (["study", "a\0b"], "the study target 'a\\x00b' cannot be used as a path"),
+    (["supervised", "--tuned", "t.toml"], "tuned applies to continual-learning runs"),
+])
+def test_paths_that_cannot_be_looked_up_are_refused(argv, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refused(capsys, argv, tmp_path, needle)
 
 
 # ------------------------------------------------------ the other commands
