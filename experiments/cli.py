@@ -20,9 +20,20 @@ from pathlib import Path
 from . import config as C
 
 
+class UsageError(Exception):
+    """A command line that argparse cannot read (reported in one line, exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (no usage block): the flag and what it takes."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} ({self.prog} --help lists the settings)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cl-cm", description="Adam+CM continual-learning experiments.",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = _Parser(prog="cl-cm", description="Adam+CM continual-learning experiments.",
+                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="one continual-learning run", description=C.__doc__,
@@ -136,10 +147,19 @@ def _executor(args):
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    """``cl-cm``: exit code 0 on success, 2 for settings, data or a results
+    folder that cannot be used (one line on stderr saying what to change), 1
+    for runs that failed (a non-finite loss, failed sweep cells)."""
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as e:
+        print(f"cl-cm: error: {e}", file=sys.stderr)
+        return 2
+    from strategies import NonFiniteLossError
+
+    from .checkpoint import CheckpointRefused
     from .data import DataNotFoundError
     from .io import RunLocked
-
     from .launch import process_group_from_env
 
     try:
@@ -154,7 +174,8 @@ def main(argv=None) -> int:
         elif args.command == "study":
             from .study import describe, run_study
 
-            overrides = {k: v for k, v in (("data_root", args.data_root), ("device", args.device)) if v}
+            _check_count("--jobs", args.jobs)
+            overrides = _overrides(args)
             if args.dry_run:
                 print("\n".join(describe(args.target, overrides, args.quick, args.out)))
                 return 0
@@ -168,7 +189,7 @@ def main(argv=None) -> int:
         elif args.command == "tune":
             from .tuning import tune
 
-            overrides = {k: v for k, v in (("data_root", args.data_root), ("device", args.device)) if v}
+            overrides = _overrides(args)
             if args.executor != "local":
                 from .tuning import load_spec
 
@@ -182,13 +203,43 @@ def main(argv=None) -> int:
         elif args.command == "report":
             from .report import render
 
-            if not Path(args.folder).is_dir():
+            if C.path_kind(args.folder, "the report folder") != "folder":
                 raise C.ConfigError(f"{args.folder} is not a folder")
+            _check_out(args.out or Path(args.folder) / "report")
             print(f"report: {render(args.folder, args.out, reference=args.reference)}")
-    except (C.ConfigError, DataNotFoundError, RunLocked) as e:
-        print(f"cl-cm: error: {e}", file=sys.stderr)
+    except (C.ConfigError, DataNotFoundError, RunLocked, CheckpointRefused) as e:
+        print(f"cl-cm: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"cl-cm: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _check_count(flag: str, value, least: int = 1) -> None:
+    if value is not None and value < least:
+        raise C.ConfigError(f"{flag} must be an integer >= {least}, got {value}")
+
+
+def _check_out(path, what: str = "--out") -> None:
+    from .io import check_out
+
+    check_out(path, what)
+
+
+def _overrides(args) -> dict:
+    """--data-root, --device (and --tuned) given on the command line, checked as the settings they override."""
+    names = ("data_root", "device", "tuned")
+    overrides = {k: getattr(args, k) for k in names if getattr(args, k, None)}
+    if "device" in overrides:
+        C.check_device(overrides["device"])
+    if "data_root" in overrides:
+        C.check_data_root(overrides["data_root"])
+    return overrides
 
 
 def _sweep(args) -> int:
@@ -196,10 +247,16 @@ def _sweep(args) -> int:
 
     spec = C.load_file(args.file)
     settings = spec.get("sweep", {})
-    out = args.out or settings.get("out") or f"runs/{Path(args.file).stem}"
-    jobs = args.jobs or settings.get("jobs", 1)
-    overrides = {k: v for k, v in (("data_root", args.data_root), ("device", args.device), ("tuned", args.tuned))
-                 if v}
+    if not isinstance(settings, dict):
+        raise C.ConfigError(f"[sweep] of {args.file} must be a table (out, jobs), got {settings!r}")
+    C.check_keys(settings, "[sweep]", allowed=("out", "jobs"))
+    out = args.out if args.out is not None else settings.get("out", f"runs/{Path(args.file).stem}")
+    jobs = args.jobs if args.jobs is not None else settings.get("jobs", 1)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise C.ConfigError(f"jobs (--jobs or [sweep] jobs) must be an integer >= 1, got {jobs!r}")
+    if not isinstance(out, str):
+        raise C.ConfigError(f"[sweep] out must be a folder name, got {out!r}")
+    overrides = _overrides(args)
     if args.dry_run:
         for cell in expand(spec, out, overrides):
             print(cell.out)
@@ -210,6 +267,7 @@ def _sweep(args) -> int:
     if world > 1 and (jobs > 1 or args.executor != "local"):
         raise C.ConfigError(f"under torchrun a sweep runs its cells one after another on all {world} ranks; "
                             "set --jobs 1 (or jobs = 1 in [sweep]) and --executor local")
+    _check_out(out)
     if args.executor != "local":
         expand(spec, out, overrides)  # bad input fails here, before Ray starts
     executor = _executor(args)
@@ -235,6 +293,7 @@ def _supervised(args) -> int:
     base = C.from_args(args, S.SupervisedConfig)
     out = args.out if "out" in vars(args) else f"runs/supervised-{base.task}"
     cells = S.grid(base, args.optimizers or [base.optimizer], args.seeds or [base.seed], out)
+    _check_out(out)
     from .launch import rank_and_world
 
     for cell in cells:
@@ -248,8 +307,10 @@ def _supervised(args) -> int:
 
 def _toy(args) -> int:
     from .results import managed_run
-    from .toy import ToyConfig, plot_toy, run_toy
+    from .toy import ToyConfig, check_toy, plot_toy, run_toy
 
+    check_toy(args)
+    _check_out(args.out)
     for landscape in args.landscapes:
         for sharpness in (args.sharpness if landscape == "sharp_wide" else [args.sharpness[0]]):
             for seed in args.seeds:

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -33,6 +34,12 @@ BENCHMARKS = tuple(SCENARIOS)
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
 BUFFERED_OPTIMIZERS = ("adam_cm", "adam_cg", "adam_cm_sam")
 VALIDATION = ("none", "holdout", "first_tasks")
+#: model -> the benchmarks it takes (mlp: 28x28 MNIST images; the ResNets: 3x32x32 CIFAR images)
+MODELS = {"mlp": ("permuted_mnist", "rotated_mnist", "split_mnist"),
+          "slim_resnet18": ("split_cifar10", "split_cifar100"),
+          "mt_slim_resnet18": ("split_cifar10", "split_cifar100")}
+#: classes of the benchmarks that split their classes into experiences
+SPLIT_CLASSES = {"split_mnist": 10, "split_cifar10": 10, "split_cifar100": 100}
 
 
 def _f(default, help: str, group: str, choices=None):
@@ -157,6 +164,185 @@ class ConfigError(ValueError):
     """A configuration that cannot run, with what to change."""
 
 
+# ------------------------------------------------------------ valid values
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting takes: finite, between ``low`` and
+    ``high`` (None: unbounded), each bound included unless ``*_open``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, value) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self, integer: bool) -> str:
+        kind = "an integer" if integer else "a finite number"
+        low, high = (f"{v}" if isinstance(v, int) or v is None else f"{v:g}" for v in (self.low, self.high))
+        if self.low is not None and self.high is not None:
+            return f"{kind} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {low}"
+        return kind
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Range(0, low_open=True), Range(0), Range(1)
+BELOW_ONE = Range(0, 1, high_open=True)
+#: the largest seed: numpy's generators (seeded by Avalanche) take seeds below 2**32
+MAX_SEED = 2**32 - 1
+
+#: setting -> its valid values: a :class:`Range` for numbers, a tuple of names for text (fields
+#: declared with ``choices`` use those). Every number must also be finite and of its field's type.
+VALID: dict[str, Range | tuple] = {
+    # optimizer (cl_cm's and torch's own checks, plus finiteness)
+    "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "momentum": BELOW_ONE, "beta1": BELOW_ONE, "beta2": BELOW_ONE,
+    "buffer_size": NON_NEGATIVE, "decay": Range(0, 1), "kappa": NON_NEGATIVE, "rho": NON_NEGATIVE,
+    "second_moment": ("aggregated", "gradient"),
+    "buffer_dtype": ("float32", "float64", "bfloat16", "float16", "int8"),  # names of cl_cm.buffer.DTYPE_NAMES
+    # runtime
+    "threads": AT_LEAST_ONE, "eval_batch_size": AT_LEAST_ONE,
+    # run and buffer annealing
+    "seed": Range(0, MAX_SEED), "factor": Range(0, 1, low_open=True), "min_size": NON_NEGATIVE,
+    "kappa_start": NON_NEGATIVE, "kappa_end": NON_NEGATIVE,
+    # protocol
+    "n_experiences": AT_LEAST_ONE, "epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE,
+    "train_per_class": NON_NEGATIVE, "test_per_class": NON_NEGATIVE, "width": AT_LEAST_ONE,
+    "model": tuple(MODELS),
+    # strategy
+    "ewc_lambda": NON_NEGATIVE, "si_lambda": NON_NEGATIVE, "lwf_alpha": NON_NEGATIVE, "lwf_temperature": POSITIVE,
+    "mem_size": AT_LEAST_ONE, "patterns_per_exp": AT_LEAST_ONE, "sample_size": AT_LEAST_ONE,
+    "memory_strength": NON_NEGATIVE,
+    # validation and measurements
+    "validation_fraction": Range(0, 1, low_open=True, high_open=True), "validation_tasks": AT_LEAST_ONE,
+    "sharpness_samples": AT_LEAST_ONE,
+}
+
+
+def is_number(value, integer: bool = False) -> bool:
+    """A finite int (or, unless ``integer``, float or an int that a float holds), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    try:
+        return integer or math.isfinite(float(value))
+    except OverflowError:  # an int beyond the floats
+        return False
+
+
+def _shown(value, limit: int = 60) -> str:
+    """``repr(value)``, shortened to ``limit`` characters for the error line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)} characters)"
+
+
+def _optional(f: dataclasses.Field) -> bool:
+    return "None" in str(f.type)
+
+
+def checked_value(f: dataclasses.Field, value, valid=None):
+    """``value`` for field ``f`` if it is of the field's type and valid (an
+    int given for a float becomes a float); else :class:`ConfigError` naming
+    the setting and what it takes."""
+    valid = VALID if valid is None else valid
+    name, kind, rule = f.name, _kind(f), valid.get(f.name)
+    if value is None:
+        if _optional(f):
+            return None
+        raise ConfigError(f"{name} needs a value (default: {f.default!r})")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {_shown(value)}")
+        return value
+    if kind in (int, float):
+        integer = kind is int
+        rule = rule if isinstance(rule, Range) else Range()
+        if not is_number(value, integer) or not rule.admits(value):
+            raise ConfigError(f"{name} must be {rule.describe(integer)}, got {_shown(value)}")
+        return value if integer else float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a text value, got {_shown(value)}")
+    choices = f.metadata.get("choices") or (rule if isinstance(rule, tuple) else None)
+    if choices:
+        check_choice(name, value, choices)
+    return value
+
+
+def check_values(cfg, valid=None):
+    """``cfg`` with every value checked by :func:`checked_value`."""
+    changes = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        new = checked_value(f, value, valid)
+        if new is not value and type(new) is not type(value):
+            changes[f.name] = new
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def check_device(device: str | None) -> None:
+    """A device this machine has: cpu, cuda, cuda:N (N below the GPU count), mps."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return
+    raise ConfigError(f"device {device!r} is not available here; use cpu or cuda[:N]")
+
+
+def path_kind(path, what: str) -> str:
+    """"missing", "file" or "folder": what a path given by the user names. A
+    path that cannot even be looked up (a NUL character, a name too long, a
+    folder without permission) is a :class:`ConfigError` naming the setting."""
+    try:
+        if "\0" in str(path):
+            raise ValueError("it holds a NUL character")
+        p = Path(path).expanduser()
+        if not p.exists():
+            return "missing"
+        return "folder" if p.is_dir() else "file"
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"{what} {_shown(str(path))} cannot be used as a path ({reason})") from None
+
+
+def check_data_root(data_root: str) -> None:
+    if path_kind(data_root, "data_root") == "file":
+        raise ConfigError(f"data_root {data_root} is a file; give the folder that holds the data sets")
+
+
+def check_components(cfg) -> None:
+    """Build the run's optimizer on a dummy parameter, and its buffer plugin,
+    so that their own checks (combinations of settings) speak before anything
+    is written."""
+    import torch
+
+    from strategies import CriticalMomentaPlugin, make_optimizer
+
+    try:
+        make_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))], **optimizer_kwargs(cfg))
+        if getattr(cfg, "boundary", None) is not None and cfg.optimizer in BUFFERED_OPTIMIZERS:
+            CriticalMomentaPlugin(cfg.boundary, cfg.factor, cfg.min_size, cfg.kappa_schedule, cfg.kappa_start,
+                                  cfg.kappa_end)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
 def check_keys(keys, where: str, allowed=FIELD_NAMES) -> None:
     """Raise :class:`ConfigError` for an unknown key, suggesting the closest."""
     for key in keys:
@@ -168,16 +354,22 @@ def check_keys(keys, where: str, allowed=FIELD_NAMES) -> None:
 
 def load_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML or JSON file into a dict."""
+    kind = path_kind(path, "config file")
     path = Path(path)
-    if not path.exists():
+    if kind == "missing":
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_bytes()
+    if kind != "file":
+        raise ConfigError(f"config file {path} is not a file; give a TOML or JSON file")
     try:
-        if path.suffix == ".json":
-            return json.loads(text)
-        return tomllib.loads(text.decode())
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot parse {path}: {e}") from None
+        text = path.read_bytes()
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text.decode())
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a table of settings, not a {type(data).__name__}")
+    return data
 
 
 def from_mapping(values: dict[str, Any], where: str, base=None, cls=None):
@@ -239,7 +431,10 @@ def has_moments(optimizer: str) -> bool:
 
 def resolve(cfg: RunConfig) -> RunConfig:
     """Fill protocol fields from the preset and, with ``tuned``, the arm's
-    chosen settings from a tuned.toml; check every setting."""
+    chosen settings from a tuned.toml; check every setting (its type, its
+    range, and the combinations that the benchmark, model, optimizer and
+    strategy take): a config that resolves runs."""
+    cfg = check_values(cfg)
     for name, allowed in (("benchmark", BENCHMARKS), ("strategy", tuple(STRATEGIES)),
                           ("optimizer", tuple(OPTIMIZERS)), ("boundary", BOUNDARIES),
                           ("kappa_schedule", KAPPA_SCHEDULES), ("validation", VALIDATION)):
@@ -267,14 +462,31 @@ def resolve(cfg: RunConfig) -> RunConfig:
     wrong = [k for k, arg in STRATEGY_FIELDS.items() if getattr(cfg, k) is not None and arg not in takes]
     if wrong:
         raise ConfigError(f"{', '.join(wrong)} does not apply to strategy {cfg.strategy!r}")
-    for name in ("n_experiences", "epochs", "batch_size", "width", "validation_tasks"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if not 0.0 < cfg.validation_fraction < 1.0:
-        raise ConfigError(f"validation_fraction must lie in (0, 1), got {cfg.validation_fraction}")
+    cfg = check_values(cfg)  # the preset's and the tuned values too
+    if cfg.benchmark not in MODELS[cfg.model]:
+        takes = [m for m, benchmarks in MODELS.items() if cfg.benchmark in benchmarks]
+        raise ConfigError(f"model {cfg.model!r} does not take {cfg.benchmark} images; use {' or '.join(takes)}")
+    if cfg.model == "mt_slim_resnet18" and cfg.scenario != "task":
+        raise ConfigError(f"model 'mt_slim_resnet18' has one head per task: it needs --scenario task, not "
+                          f"{cfg.scenario!r}; use slim_resnet18")
+    classes = SPLIT_CLASSES.get(cfg.benchmark)
+    if classes and classes % cfg.n_experiences:
+        ok = [n for n in range(1, classes + 1) if classes % n == 0]
+        raise ConfigError(f"n_experiences {cfg.n_experiences}: the {classes} classes of {cfg.benchmark} do not "
+                          f"split into that many equal experiences; use one of {', '.join(map(str, ok))}")
     if cfg.validation == "first_tasks" and cfg.validation_tasks > cfg.n_experiences:
         raise ConfigError(f"validation_tasks ({cfg.validation_tasks}) must not exceed n_experiences "
                           f"({cfg.n_experiences})")
+    if cfg.strategy == "agem":  # A-GEM draws sample_size // (experiences in memory) samples from each
+        stored = (cfg.validation_tasks if cfg.validation == "first_tasks" else cfg.n_experiences) - 1
+        sample_size = cfg.sample_size if cfg.sample_size is not None else strategy_options("agem")["sample_size"]
+        if sample_size < stored:
+            raise ConfigError(f"sample_size {sample_size}: A-GEM draws sample_size // (experiences in its memory) "
+                              f"samples from each, and its memory reaches {stored} experiences; use sample_size "
+                              f">= {stored}")
+    check_device(cfg.device)
+    check_data_root(cfg.data_root)
+    check_components(cfg)
     return cfg
 
 

@@ -86,9 +86,16 @@ def _tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
     return data, torch.as_tensor(ds.targets, dtype=torch.long)
 
 
-def balanced_subset(targets: torch.Tensor, per_class: int, seed: int = 0) -> torch.Tensor:
+def balanced_subset(targets: torch.Tensor, per_class: int, seed: int = 0,
+                    setting: str = "per_class") -> torch.Tensor:
     """Indices of ``per_class`` samples of every class (all if 0), chosen with
-    a fixed seed so that every run of a protocol sees the same subset."""
+    a fixed seed so that every run of a protocol sees the same subset.
+    ``setting`` names the setting that gave ``per_class``, for the error
+    (a :class:`~experiments.config.ConfigError`) when a class has fewer."""
+    from .config import ConfigError
+
+    if per_class < 0:
+        raise ConfigError(f"{setting} must be an integer >= 0 (0: all), got {per_class}")
     if per_class == 0:
         return torch.arange(len(targets))
     gen = torch.Generator().manual_seed(seed)
@@ -96,7 +103,9 @@ def balanced_subset(targets: torch.Tensor, per_class: int, seed: int = 0) -> tor
     for c in targets.unique(sorted=True).tolist():
         idx = (targets == c).nonzero().flatten()
         if len(idx) < per_class:
-            raise ValueError(f"class {c} has {len(idx)} samples, fewer than the {per_class} per class asked for")
+            smallest = int(targets.unique(return_counts=True)[1].min())
+            raise ConfigError(f"{setting} {per_class}: class {c} has only {len(idx)} samples; use at most "
+                              f"{smallest} (0: all)")
         chosen.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
     return torch.cat(chosen).sort().values
 
@@ -112,7 +121,11 @@ def holdout_split(targets: torch.Tensor, fraction: float, seed: int = 0) -> tupl
         idx = (targets == c).nonzero().flatten()
         k = max(1, round(fraction * len(idx)))
         if k >= len(idx):
-            raise ValueError(f"class {c} has {len(idx)} training samples: too few to hold out {fraction:g} of them")
+            from .config import ConfigError
+
+            raise ConfigError(f"validation_fraction {fraction:g}: class {c} has {len(idx)} training samples, too "
+                              "few to hold out that fraction and train on the rest; use a smaller fraction or more "
+                              "training samples per class")
         held.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
     held_out = torch.cat(held).sort().values
     mask = torch.ones(len(targets), dtype=torch.bool)
@@ -230,9 +243,9 @@ def _train_and_eval(cfg, name: str):
     fraction, and that fraction in place of the test data (never read)."""
     validating = cfg.validation != "none"
     xtr, ytr, xte, yte = load_torchvision(name, cfg.data_root, cfg.download, test=not validating)
-    itr = balanced_subset(ytr, cfg.train_per_class)
+    itr = balanced_subset(ytr, cfg.train_per_class, setting="train_per_class")
     if not validating:
-        ite = balanced_subset(yte, cfg.test_per_class)
+        ite = balanced_subset(yte, cfg.test_per_class, setting="test_per_class")
         return xtr[itr], ytr[itr], xte[ite], yte[ite], "test"
     kept, held = holdout_split(ytr[itr], cfg.validation_fraction)
     return xtr[itr[kept]], ytr[itr[kept]], xtr[itr[held]], ytr[itr[held]], "validation"

@@ -3,6 +3,7 @@ and a per-run lock (two processes never work on the same run)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -56,6 +57,41 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
 
 
+def check_out(path: str | Path, what: str = "--out") -> None:
+    """Raise :class:`~experiments.config.ConfigError` unless ``path`` is a
+    folder, or can become one, that this process can write in; creates
+    nothing (a probe file in the nearest existing folder is removed at once)."""
+    from .config import ConfigError, path_kind
+
+    if not str(path).strip():
+        raise ConfigError(f"{what} is empty; give a folder")
+    if path_kind(path, what) == "file":
+        raise ConfigError(f"{what} {path} is a file; give a folder")
+    path = Path(path)
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path}: {existing} is a file, so that folder cannot be made; give another folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".cl-cm-probe-", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot write in {existing} ({e.strerror}); give a folder you can "
+                          "write to") from None
+
+
+def check_no_links(folder: str | Path) -> None:
+    """Raise :class:`~experiments.config.ConfigError` when ``folder`` holds a
+    symbolic link: writing a results file through one would write elsewhere."""
+    from .config import ConfigError
+
+    for path in Path(folder).iterdir():
+        if path.is_symlink():
+            raise ConfigError(f"{path} is a symbolic link; a results folder holds plain files only: delete it")
+
+
 class RunLocked(RuntimeError):
     """Another process holds the run's lock."""
 
@@ -67,7 +103,16 @@ def run_lock(folder: str | Path) -> Iterator[None]:
     its process, so a killed run never leaves a stale lock."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as f:
+    try:  # never through a symbolic link: a planted .lock must not open (and so touch) a file elsewhere
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        from .config import ConfigError
+
+        raise ConfigError(f"{folder / '.lock'} is a symbolic link; a results folder holds plain files only: "
+                          "delete it") from None
+    with os.fdopen(fd, "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -20,6 +20,7 @@ run's config.json) are shown per row and do not split rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import tomllib
 from collections import defaultdict
@@ -37,15 +38,169 @@ ANCHORS = Path(__file__).parent / "anchors.toml"
 BASELINE = "adam"
 
 
-def load_runs(folder: str | Path) -> list[dict[str, Any]]:
-    """Every complete run (metrics.json and config.json) under ``folder``."""
+def load_runs(folder: str | Path, skipped: list[tuple[Path, str]] | None = None) -> list[dict[str, Any]]:
+    """Every complete run (metrics.json and config.json) under ``folder``. A
+    run whose files cannot be read or do not hold what a report needs is left
+    out with a warning naming its file, and appended to ``skipped`` as (file,
+    reason)."""
+    import sys
+
     runs = []
     for path in sorted(Path(folder).rglob("metrics.json")):
         cfg_path = path.parent / "config.json"
         if not cfg_path.exists():
-            continue
-        runs.append({"folder": path.parent, "metrics": read_json(path), **read_json(cfg_path)})
+            problem: tuple[Path, str] | None = (path, "no config.json beside it")
+        else:
+            run, problem = _read_run(path, cfg_path)
+            if run is not None:
+                runs.append(run)
+        if problem is not None:
+            print(f"cl-cm: warning: skipped {problem[0]}: {problem[1]}", file=sys.stderr)
+            if skipped is not None:
+                skipped.append(problem)
     return runs
+
+
+def _read_run(path: Path, cfg_path: Path):
+    """(run, None), or (None, (file, reason)) for a run that cannot be reported."""
+    record = {}
+    for file in (path, cfg_path):
+        try:
+            record[file] = read_json(file)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            return None, (file, f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        if not isinstance(record[file], dict):
+            return None, (file, f"holds a {type(record[file]).__name__}, not a table")
+    metrics, saved = record[path], record[cfg_path]
+    if not isinstance(saved.get("config"), dict):
+        return None, (cfg_path, "has no \"config\" table")
+    try:
+        kind = metrics.get("kind", "cl")
+        check = {"cl": _check_continual, "supervised": _check_supervised, "toy": _check_toy}.get(kind)
+        if check is None:
+            raise _Malformed(path, f"unknown kind {kind!r}")
+        check(saved["config"], metrics, path, cfg_path)
+    except _Malformed as e:
+        return None, (e.file, e.reason)
+    return {"folder": path.parent, "metrics": metrics, **saved}, None
+
+
+class _Malformed(Exception):
+    def __init__(self, file: Path, reason: str) -> None:
+        super().__init__(reason)
+        self.file, self.reason = file, reason
+
+
+def _is_number(x, none: bool = False) -> bool:
+    if x is None:
+        return none
+    return C.is_number(x)
+
+
+def _need(table: dict, key: str, test, what: str, file: Path) -> Any:
+    value = table.get(key)
+    if not test(value):
+        raise _Malformed(file, f"{key} must be {what}, got {value!r}"[:200])
+    return value
+
+
+def _numbers(values, n: int | None = None, none: bool = False) -> bool:
+    return (isinstance(values, list) and (n is None or len(values) == n)
+            and all(_is_number(v, none) for v in values))
+
+
+def _matrix(values, none: bool = False) -> bool:
+    return (isinstance(values, list) and len(values) > 0
+            and all(_numbers(row, len(values), none) for row in values))
+
+
+def _settings_of(cls, cfg: dict, valid, file: Path) -> None:
+    """The settings of a saved config, checked as the command line checks them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        C.check_values(cls(**{k: v for k, v in cfg.items() if k in names}), valid)
+    except C.ConfigError as e:
+        raise _Malformed(file, str(e)) from None
+
+
+def _check_continual(cfg: dict, m: dict, path: Path, cfg_path: Path) -> None:
+    _settings_of(C.RunConfig, cfg, None, cfg_path)
+    for key in ("benchmark", "preset", "strategy", "optimizer", *C.PROTOCOL_FIELDS):
+        if cfg.get(key) is None and key != "augment":
+            raise _Malformed(cfg_path, f"has no {key}")
+    if not isinstance(cfg.get("provenance", {}), dict):
+        raise _Malformed(cfg_path, "provenance must be a table")
+    r = _need(m, "accuracy_matrix", _matrix, "a square table of numbers", path)
+    _need(m, "acc", _is_number, "a number", path)
+    for key in ("bwt", "forgetting", "learning_accuracy"):
+        _need(m, key, lambda v: _is_number(v, none=True), "a number or null", path)
+    _need(m, "seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", path)
+    _need(m, "scenario", lambda v: isinstance(v, str), "a text", path)
+    if "task_il" in m:
+        ti = _need(m, "task_il", lambda v: isinstance(v, dict), "a table", path)
+        _need(ti, "accuracy_matrix", _matrix, "a square table of numbers", path)
+        _need(ti, "acc", _is_number, "a number", path)
+    if "sharpness_matrix" in m:
+        _need(m, "sharpness_matrix", lambda v: _matrix(v, none=True) and len(v) == len(r),
+              "a square table of numbers, as large as the accuracy matrix", path)
+    for key in ("distance_per_experience", "distance_from_init"):
+        if m.get(key) is not None:
+            _need(m, key, lambda v: _numbers(v, none=True), "a list of numbers", path)
+    if "buffer_stats" in m:
+        stats = _need(m, "buffer_stats", lambda v: isinstance(v, dict), "a table", path)
+        _need(stats, "per_experience", lambda v: isinstance(v, dict) and all(
+            isinstance(k, str) and _numbers(x, none=True) for k, x in v.items()), "a table of lists of numbers", path)
+
+
+def _check_supervised(cfg: dict, m: dict, path: Path, cfg_path: Path) -> None:
+    from .supervised import IMAGE_PROTOCOL, LM_PROTOCOL, VALID, SupervisedConfig
+
+    _settings_of(SupervisedConfig, cfg, VALID, cfg_path)
+    lm = cfg.get("task") == "ptb"
+    for key in ("task", "preset", *(LM_PROTOCOL if lm else IMAGE_PROTOCOL)):
+        if key not in cfg:
+            raise _Malformed(cfg_path, f"has no {key}")
+    _need(m, "label", lambda v: isinstance(v, str), "a text", path)
+    _need(m, "seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", path)
+    _need(m, "train_seconds", _is_number, "a number", path)
+    score = "valid_ppl" if lm else "test_accuracy"
+    _need(m, "history", lambda v: isinstance(v, list) and v and all(
+        isinstance(h, dict) and _is_number(h.get("epoch")) and _is_number(h.get(score)) for h in v),
+        f"a list of epochs, each with epoch and {score}", path)
+    for key in (("valid_ppl", "test_ppl") if lm else ("test_accuracy",)):
+        _need(m, key, _is_number, "a number", path)
+    if not lm:
+        _need(m, "top_hessian_eigenvalue", lambda v: _is_number(v, none=True), "a number or null", path)
+    _need(m, "buffer_series", lambda v: v is None or (isinstance(v, list) and all(
+        isinstance(p, dict) and _is_number(p.get("iteration")) for p in v)), "a list of records", path)
+
+
+def _check_toy(cfg: dict, m: dict, path: Path, cfg_path: Path) -> None:
+    from .toy import LANDSCAPES, ToyConfig
+
+    _need(cfg, "landscape", lambda v: v in LANDSCAPES, f"one of {', '.join(LANDSCAPES)}", cfg_path)
+    _need(cfg, "sharpness", _is_number, "a number", cfg_path)
+    inner = _need(m, "config", lambda v: isinstance(v, dict) and set(v) <= {f.name for f in
+                                                                           dataclasses.fields(ToyConfig)},
+                  "a table of toy settings", path)
+    _need(inner, "landscape", lambda v: v in LANDSCAPES, f"one of {', '.join(LANDSCAPES)}", path)
+    _need(inner, "sharpness", _is_number, "a number", path)
+    _need(inner, "seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", path)
+    names = _need(inner, "optimizers", lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
+                  "a list of optimizer names", path)
+    points = _need(m, "starts", lambda v: isinstance(v, list) and v and all(_numbers(p, 2) for p in v),
+                   "a list of points", path)
+    results = _need(m, "results", lambda v: isinstance(v, dict) and set(names) <= set(v), "a table per optimizer",
+                    path)
+    for name in names:
+        res = results[name]
+        ok = (isinstance(res, dict) and all(_is_number(res.get(k)) for k in ("escape_ratio", "mean_final_loss",
+                                                                            "mean_travelled"))
+              and isinstance(res.get("escaped"), list) and len(res["escaped"]) == len(points)
+              and isinstance(res.get("trajectories"), list)
+              and all(isinstance(t, list) and t and all(_numbers(p, 2) for p in t) for t in res["trajectories"]))
+        if not ok:
+            raise _Malformed(path, f"results of {name!r} are incomplete")
 
 
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
@@ -161,8 +316,16 @@ def render(folder: str | Path, out: str | Path | None = None, reference: str = B
     ``reference`` labels the arm every other arm is compared with."""
     folder = Path(folder)
     out = Path(out) if out else folder / "report"
+    for path in (out, out / "figures"):
+        if path.is_symlink():
+            raise C.ConfigError(f"{path} is a symbolic link; the report would be written elsewhere: delete it or "
+                                "give --out")
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    runs = load_runs(folder)
+    for path in (out / "figures").iterdir():
+        if path.is_symlink():  # a figure is never written through a link
+            path.unlink()
+    skipped: list[tuple[Path, str]] = []
+    runs = load_runs(folder, skipped)
     lines = ["# Report", "",
              f"{len(runs)} finished run(s) under `{folder}`. ACC: average accuracy over all experiences at the "
              "end; BWT: backward transfer; forgetting: best earlier accuracy minus the final one, averaged over "
@@ -171,6 +334,14 @@ def render(folder: str | Path, out: str | Path | None = None, reference: str = B
              f"of seeds. Differences to the reference arm `{reference}` are paired by seed, with a 95% "
              "Student-t confidence interval and a paired t-test p-value, Holm-adjusted over the arms of each "
              "table.", ""]
+    if skipped:
+        lines += [f"Skipped {len(skipped)} run(s) whose files could not be used:", ""]
+        lines += [f"- `{_relative(file, folder)}`: {reason}" for file, reason in skipped] + [""]
+    skipped_steps = [r for r in runs if r["metrics"].get("skipped_steps")]
+    if skipped_steps:
+        lines += [f"{len(skipped_steps)} run(s) skipped optimizer steps for NaN/Inf gradients:", ""]
+        lines += [f"- `{_relative(r['folder'], folder)}`: {r['metrics']['skipped_steps']} step(s)"
+                  for r in skipped_steps] + [""]
     if not runs:
         lines.append("No finished runs (a run is finished when its folder holds metrics.json).")
     kinds = defaultdict(list)
@@ -191,12 +362,24 @@ def render(folder: str | Path, out: str | Path | None = None, reference: str = B
     return report
 
 
-def _section(bench, preset, strategy, by_policy, out: Path, suffix: str = "", reference: str = BASELINE) -> list[str]:
-    from .tuning import slug as safe
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return str(Path(path).relative_to(folder))
+    except ValueError:
+        return str(path)
 
+
+def _slug(text: str) -> str:
+    """A figure's file name from values read from results (no path separators, no ``..``)."""
+    from .tuning import slug
+
+    return slug(text)
+
+
+def _section(bench, preset, strategy, by_policy, out: Path, suffix: str = "", reference: str = BASELINE) -> list[str]:
     first = next(iter(by_policy.values()))[0]
     cfg, m0 = first["config"], first["metrics"]
-    slug = safe(f"{bench}-{preset}-{strategy}{suffix}")
+    slug = _slug(f"{bench}-{preset}-{strategy}{suffix}")
     split = m0.get("eval_split", "test")
     lines = [f"## {bench}, preset `{preset}`, strategy `{strategy}`"
              + (" (VALIDATION data: tuning runs, not test results)" if split != "test" else ""), "",
@@ -533,7 +716,7 @@ def _supervised_sections(runs, out: Path) -> list[str]:
                     ci = f"[{mean - half:+.2f}, {mean + half:+.2f}]" if not math.isnan(half) else "(one seed)"
                     lines.append(f"- `{lab}`: {mean:+.2f} {ci} over {len(diffs)} seeds")
             lines.append("")
-        lines += _supervised_figures(f"{task}-{preset}-{index}", by_label, labels, lm, out)
+        lines += _supervised_figures(_slug(f"{task}-{preset}-{index}"), by_label, labels, lm, out)
     return lines
 
 
@@ -592,6 +775,10 @@ def _supervised_figures(slug, by_label, labels, lm: bool, out: Path) -> list[str
 
 
 # ------------------------------------------------------------------ toy runs
+def _toy_figure(landscape: str, sharpness) -> str:
+    return _slug(f"toy-{landscape}{'' if sharpness is None else f'-s{sharpness:g}'}") + ".png"
+
+
 def _toy_sections(runs, out: Path) -> list[str]:
     import matplotlib
 
@@ -624,11 +811,11 @@ def _toy_sections(runs, out: Path) -> list[str]:
             if sharpness is not None:
                 sweep_rows += [{"optimizer": opt, "sharpness s": sharpness, "escape ratio (%)": 100 * x["escape_ratio"]}
                                for x in res]
-        path = out / "figures" / f"toy-{landscape}{'' if sharpness is None else f'-s{sharpness:g}'}.png"
+        path = out / "figures" / _toy_figure(landscape, sharpness)
         plot_toy(sorted(rs, key=lambda r: r["metrics"]["config"]["seed"])[0]["metrics"], path)
     lines.append("")
     for (landscape, sharpness), rs in sorted(by_case.items(), key=str):
-        name = f"toy-{landscape}{'' if sharpness is None else f'-s{sharpness:g}'}.png"
+        name = _toy_figure(landscape, sharpness)
         lines.append(f"![{name}](figures/{name})")
     if len({r["sharpness s"] for r in sweep_rows}) > 1:
         fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -6,16 +6,25 @@ environment and the protocol) written first, the training, then
 ``metrics.json`` written last and atomically. A folder with ``metrics.json``
 is finished: running it again only reads it. A folder without it is resumed
 by the training function from its own checkpoint.
+
+A failed run never blocks its corrected rerun: only a folder with something
+to protect (``metrics.json`` or a checkpoint) refuses other settings; the
+``config.json`` of a run that never completed a checkpoint is replaced. A run
+refused for its settings or its data during training (``ConfigError``,
+``DataNotFoundError``) leaves nothing behind, and one whose loss became
+non-finite drops its checkpoints (a rerun with the same settings would fail
+the same way).
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .io import read_json, run_lock, write_json
+from .io import check_no_links, read_json, run_lock, write_json
 
 
 def environment() -> dict[str, Any]:
@@ -58,7 +67,11 @@ def managed_run(out: str | Path, settings: dict[str, Any], runtime_keys, protoco
     they need not share its file system."""
     import torch.distributed as dist
 
+    from strategies import NonFiniteLossError
+
+    from .checkpoint import notice, remove_interrupted_writes
     from .config import ConfigError
+    from .data import DataNotFoundError
     from .launch import rank_and_world
 
     out = Path(out)
@@ -71,28 +84,102 @@ def managed_run(out: str | Path, settings: dict[str, Any], runtime_keys, protoco
         metrics = train(out)
         dist.barrier()  # rank 0 has written metrics.json
         return metrics, True
-    with run_lock(out):
-        saved = out / "config.json"
-        if saved.exists():
-            previous = read_json(saved)["config"]
-            changed = sorted(k for k in settings if k not in runtime_keys and previous.get(k) != settings[k])
-            if changed:
-                raise ConfigError(f"{out} holds a run with other settings ({', '.join(changed)} differ); "
-                                  "choose another --out or delete that folder")
-        finished = [read_json(out / "metrics.json") if (out / "metrics.json").exists() else None]
-        if world > 1:
-            dist.broadcast_object_list(finished)
-        if finished[0] is not None:
-            return finished[0], False
-        if not saved.exists():
-            record = {"config": settings, "environment": environment(), "protocol": protocol}
-            if provenance:
-                record["provenance"] = provenance  # where each setting came from: given, preset, default, tuned
-            write_json(saved, record)
-        metrics = train(out)
-        write_json(out / "metrics.json", metrics)
-        for leftover in out.glob("checkpoint.*"):
-            leftover.unlink()
-        if world > 1:
-            dist.barrier()
+    made = _missing_ancestors(out)  # the folders this run makes, removed again when it is refused
+    try:
+        with run_lock(out):
+            check_no_links(out)
+            removed = remove_interrupted_writes(out)
+            if removed:
+                notice(f"removed {len(removed)} temporary file(s) of an interrupted write in {out}")
+            saved, done = out / "config.json", out / "metrics.json"
+            to_protect = done.exists() or _has_checkpoint(out)
+            write_config = True
+            if saved.exists():
+                previous = _previous_settings(saved, to_protect)
+                changed = sorted(k for k in settings if k not in runtime_keys and previous.get(k) != settings[k])
+                if changed and to_protect:
+                    raise ConfigError(f"{out} holds a run with other settings ({', '.join(changed)} differ); "
+                                      "choose another --out or delete that folder")
+                if changed:
+                    notice(f"{out} held the settings of a run that never completed a checkpoint ({', '.join(changed)} "
+                           "differ); they are replaced by these")
+                write_config = bool(changed)
+            finished = [_read_metrics(done) if done.exists() else None]
+            if world > 1:
+                dist.broadcast_object_list(finished)
+            if finished[0] is not None:
+                return finished[0], False
+            if write_config:
+                record = {"config": settings, "environment": environment(), "protocol": protocol}
+                if provenance:
+                    record["provenance"] = provenance  # where each setting came from: given, preset, default, tuned
+                write_json(saved, record)
+            try:
+                metrics = train(out)
+            except (ConfigError, DataNotFoundError):
+                if write_config and not _has_checkpoint(out):  # refused before any progress: leave no trace
+                    saved.unlink()
+                raise
+            except NonFiniteLossError:
+                _remove_checkpoints(out)
+                raise
+            write_json(done, metrics)
+            _remove_checkpoints(out)
+            if world > 1:
+                dist.barrier()
+    finally:
+        if made and out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:
+            with contextlib.suppress(OSError):  # folders made for a run that was refused: gone again
+                (out / ".lock").unlink()
+                for folder in made:
+                    folder.rmdir()
     return metrics, True
+
+
+def _missing_ancestors(out: Path) -> list[Path]:
+    """``out`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    while not out.exists() and out != out.parent:
+        missing.append(out)
+        out = out.parent
+    return missing
+
+
+def _has_checkpoint(out: Path) -> bool:
+    return any(out.glob("checkpoint*"))
+
+
+def _remove_checkpoints(out: Path) -> None:
+    for leftover in out.glob("checkpoint*"):
+        leftover.unlink()
+
+
+def _previous_settings(saved: Path, to_protect: bool) -> dict[str, Any]:
+    """The settings in a run's config.json; an unreadable one is refused when
+    the folder has results to protect, and replaced otherwise."""
+    from .config import ConfigError
+
+    try:
+        previous = read_json(saved)["config"]
+        if not isinstance(previous, dict):
+            raise TypeError("config is not a table")
+        return previous
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if to_protect:
+            raise ConfigError(f"{saved} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}), so the run "
+                              "in its folder cannot be checked against these settings; choose another --out or "
+                              "delete that folder") from None
+        return {}
+
+
+def _read_metrics(done: Path) -> dict[str, Any]:
+    from .config import ConfigError
+
+    try:
+        metrics = read_json(done)
+        if not isinstance(metrics, dict):
+            raise TypeError("not a table")
+        return metrics
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{done} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); delete it to "
+                          "train that run again") from None

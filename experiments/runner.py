@@ -10,8 +10,13 @@ A run folder holds:
 * ``metrics.json``: the accuracy matrix and the metrics of
   :mod:`experiments.metrics`, timings, buffer statistics (written last, atomically:
   its presence means the run is complete);
-* ``checkpoint.pkl`` while the run is unfinished (Avalanche's checkpoint of
-  the whole strategy, RNG states included).
+* ``checkpoint.pkl`` (and ``checkpoint.prev.pkl``, the one before) while the
+  run is unfinished: Avalanche's checkpoint of the whole strategy, RNG states
+  included, with an authentication tag (:mod:`experiments.checkpoint`).
+
+A run whose training loss becomes NaN or Inf stops with
+:class:`strategies.NonFiniteLossError`; optimizer steps skipped for NaN or
+Inf gradients are counted in ``metrics.json`` (``skipped_steps``).
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ from tqdm.auto import tqdm
 
 from . import config as C
 from . import metrics as M
+from .checkpoint import secret_key
+from .io import check_out
 from .launch import default_device, rank_and_world
 from .results import managed_run
 
@@ -119,6 +126,8 @@ def run(cfg: C.RunConfig, *, quiet: bool = False) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     from .tuning import tuned_keys
 
+    check_out(cfg.out)
+    secret_key()  # the checkpoint key, made or read before anything is written
     metrics, _ = managed_run(cfg.out, cfg.to_dict(), C.RUNTIME_FIELDS,
                              C.protocol(cfg.benchmark, cfg.preset)["_description"],
                              lambda out: _train(cfg, out, quiet),
@@ -134,11 +143,11 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
     from avalanche.training.determinism.rng_manager import RNGManager
 
     from strategies import (BatchedLoadingPlugin, BufferStatsMetric, CriticalMomentaPlugin, DataParallelPlugin,
-                            ParameterDistanceMetric, ResetMomentsPlugin, SelectiveEvaluationPlugin,
-                            avalanche_as_single_process, make_optimizer, make_strategy)
+                            FiniteLossPlugin, ParameterDistanceMetric, ResetMomentsPlugin, SelectiveEvaluationPlugin,
+                            avalanche_as_single_process, make_optimizer, make_strategy, skipped_steps)
 
+    from .checkpoint import Checkpoints
     from .data import build_benchmark, build_model
-    from .io import atomic_write
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -149,7 +158,8 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
     bench = build_benchmark(cfg)
     model = build_model(cfg, bench)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), **C.optimizer_kwargs(cfg))
-    plugins = [ProgressBars(cfg.progress and not quiet, bench.n_experiences), BatchedLoadingPlugin()]
+    plugins = [ProgressBars(cfg.progress and not quiet, bench.n_experiences), BatchedLoadingPlugin(),
+               FiniteLossPlugin()]
     if cfg.optimizer in C.BUFFERED_OPTIMIZERS:
         plugins.insert(0, CriticalMomentaPlugin(cfg.boundary, cfg.factor, cfg.min_size, cfg.kappa_schedule,
                                                 cfg.kappa_start, cfg.kappa_end))
@@ -167,17 +177,20 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
         strategy = make_strategy(cfg.strategy, model, optimizer, train_mb_size=cfg.batch_size,
                                  train_epochs=cfg.epochs, eval_mb_size=cfg.eval_batch_size, device=device,
                                  plugins=plugins, evaluator=evaluator, **C.strategy_kwargs(cfg))
-        checkpoint = out / "checkpoint.pkl"
-        strategy, start = maybe_load_checkpoint(strategy, checkpoint, map_location=device)
+        checkpoints = Checkpoints(out, "checkpoint.pkl")
+        strategy, start = checkpoints.load(lambda f: maybe_load_checkpoint(strategy, f, map_location=device)) \
+            or (strategy, 0)
         _restore_iterators(strategy)
         progress = getattr(strategy, "cl_cm_progress", None) or {"accuracy": [], "accuracy_task_il": [],
                                                                    "train_seconds": [], "sharpness": []}
+        progress.setdefault("skipped_steps", [])
         scenario = bench.scenario
         for k in range(start, bench.n_experiences):
             t0 = time.perf_counter()
             strategy.train(scenario.train_stream[k], eval_streams=[],
                            reset_optimizer_state=cfg.reset_optimizer_state)
             progress["train_seconds"].append(time.perf_counter() - t0)
+            progress["skipped_steps"].append(skipped_steps(strategy.optimizer))
             results = strategy.eval(scenario.test_stream)
             progress["accuracy"].append(_row(results, ACC_KEY, bench.n_experiences))
             if bench.task_il_by_masking:
@@ -187,7 +200,7 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
             strategy.cl_cm_progress = progress
             if rank == 0:
                 with _iterators_set_aside(strategy):
-                    atomic_write(checkpoint, lambda f: save_checkpoint(strategy, f), mode="wb")
+                    checkpoints.save(lambda f: save_checkpoint(strategy, f))
     return _collect(cfg, bench, progress, strategy.evaluator)  # the evaluator of a resumed run is the loaded one
 
 
@@ -284,7 +297,10 @@ def _collect(cfg: C.RunConfig, bench, progress: dict, evaluator) -> dict[str, An
                            "seed": cfg.seed, "n_experiences": bench.n_experiences, "eval_split": bench.eval_split,
                            "accuracy_matrix": r, **M.summary(r),
                            "train_seconds_per_experience": progress["train_seconds"],
-                           "train_seconds": sum(progress["train_seconds"])}
+                           "train_seconds": sum(progress["train_seconds"]),
+                           # optimizer steps skipped for NaN/Inf gradients, in all and after each experience
+                           "skipped_steps": progress["skipped_steps"][-1] if progress["skipped_steps"] else 0,
+                           "skipped_steps_per_experience": progress["skipped_steps"]}
     if progress["accuracy_task_il"]:
         out["task_il"] = {"accuracy_matrix": progress["accuracy_task_il"], **M.summary(progress["accuracy_task_il"])}
     if progress["sharpness"]:
@@ -333,6 +349,9 @@ def render_summary(m: dict, cfg: C.RunConfig | None = None) -> str:
                      f"forgetting {fmt(ti['forgetting'])}")
     lines.append(f"training time {m['train_seconds']:.1f} s "
                  f"({', '.join(f'{s:.1f}' for s in m['train_seconds_per_experience'])} per experience)")
+    if m.get("skipped_steps"):
+        lines.append(f"{m['skipped_steps']} optimizer step(s) skipped for NaN/Inf gradients (parameters left "
+                     "unchanged at those steps)")
     if "buffer_stats" in m:
         last = {k: v[-1] for k, v in m["buffer_stats"]["per_experience"].items()}
         lines.append("buffer at the end: " + ", ".join(

@@ -33,28 +33,63 @@ from . import config as C
 
 def study_files(target: str | Path) -> list[Path]:
     """The study files of a folder (sorted by name), or one file."""
+    kind = C.path_kind(target, "the study target")
     target = Path(target)
-    if target.is_dir():
+    if kind == "folder":
         files = sorted(p for p in target.iterdir() if p.suffix in (".toml", ".json"))
         if not files:
             raise C.ConfigError(f"{target} holds no study files (*.toml)")
         return files
-    if not target.exists():
+    if kind == "missing":
         raise C.ConfigError(f"{target} does not exist; give a study file or a folder of them")
     return [target]
+
+
+def folder_name(value, where: str) -> str:
+    """``value`` if it is a plain folder name (letters, digits and ``.+=-_``,
+    no path separator, not ``.`` or ``..``); otherwise a ConfigError: names
+    from files never become paths outside the results folder."""
+    from .tuning import slug
+
+    if not isinstance(value, str) or not value or slug(value) != value:
+        raise C.ConfigError(f"{where} must be a plain folder name (letters, digits, . + = - _; no / or ..), "
+                            f"got {value!r}")
+    return value
 
 
 def _settings(path: Path) -> dict[str, Any]:
     spec = C.load_file(path)
     study = spec.get("study", {})
+    if not isinstance(study, dict):
+        raise C.ConfigError(f"{path}: [study] must be a table (name, seeds, quick, best_of)")
     C.check_keys(study, f"[study] of {path}", allowed=("name", "seeds", "quick", "best_of"))
     if "name" not in study:
         raise C.ConfigError(f"{path}: [study] needs a name (its folder)")
+    name = folder_name(study["name"], f"{path}: [study] name")
     seeds = study.get("seeds", [0, 1, 2, 3, 4])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise C.ConfigError(f"{path}: [study] seeds must be a non-empty list of integers >= 0")
-    return {"spec": spec, "name": str(study["name"]), "seeds": seeds, "quick": study.get("quick"),
-            "best_of": study.get("best_of")}
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= C.MAX_SEED for s in seeds):
+        raise C.ConfigError(f"{path}: [study] seeds must be a non-empty list of integers in [0, {C.MAX_SEED}], "
+                            f"got {seeds!r}")
+    quick = study.get("quick")
+    if quick is not None and (not isinstance(quick, list) or not all(isinstance(q, str) for q in quick)):
+        raise C.ConfigError(f"{path}: [study] quick must be a list of arm labels, e.g. [\"adam\"], got {quick!r}")
+    best = study.get("best_of")
+    if best is not None:
+        if not isinstance(best, dict):
+            raise C.ConfigError(f"{path}: [study] best_of must be a table {{ study = ..., optimizer = [...], "
+                                f"top = N }}, got {best!r}")
+        C.check_keys(best, f"[study] best_of of {path}", allowed=("study", "optimizer", "top"))
+        folder_name(best.get("study"), f"{path}: [study] best_of study")
+        top = best.get("top", 3)
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise C.ConfigError(f"{path}: [study] best_of top must be an integer >= 1, got {top!r}")
+        optimizers = best.get("optimizer", list(C.BUFFERED_OPTIMIZERS))
+        if not isinstance(optimizers, list) or not optimizers:
+            raise C.ConfigError(f"{path}: [study] best_of optimizer must be a non-empty list, got {optimizers!r}")
+        for name_ in optimizers:
+            C.check_choice("optimizer in [study] best_of", name_, C.BUFFERED_OPTIMIZERS)
+    return {"spec": spec, "name": name, "seeds": seeds, "quick": quick, "best_of": best}
 
 
 def arm_grid(cfg: C.RunConfig, base: dict[str, Any]) -> dict[str, list]:
@@ -118,6 +153,8 @@ def run_study(target: str | Path, out: str | Path = "runs/study", jobs: int = 1,
     from .sweep import run_sweep
     from .tuning import _toml, tune
 
+    from .io import check_out
+
     out = Path(out)
     files = study_files(target)
     infos = [_settings(p) for p in files]
@@ -126,6 +163,10 @@ def run_study(target: str | Path, out: str | Path = "runs/study", jobs: int = 1,
         raise C.ConfigError(f"study names must differ: {names}")
     if quick and not any(i["quick"] for i in infos):
         raise C.ConfigError("no study file lists quick arms ([study] quick = [...])")
+    check_out(out)
+    for info in infos:  # every study's arms are checked before anything is written
+        if not (quick and not info["quick"]) and not info["best_of"]:
+            _tune_spec(info, out, quick, overrides)
     started = time.perf_counter()
     summary: dict[str, Any] = {"studies": [], "runs_failed": 0}
     for info, path in zip(infos, files):

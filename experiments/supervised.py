@@ -70,15 +70,29 @@ class SupervisedConfig(OptimizerSettings, RuntimeSettings):
     stats_every: int = _f(25, "iterations between two buffer-statistics records", "run")
 
 
+#: valid values of the settings of a supervised run (see :data:`experiments.config.VALID`)
+VALID = {**C.VALID, "model": ("slim_resnet18", "resnet34", "lstm"), "lr_schedule": ("cosine", "constant"),
+         "layers": C.AT_LEAST_ONE, "dropout": C.BELOW_ONE, "bptt": C.AT_LEAST_ONE, "clip": C.NON_NEGATIVE,
+         "max_train_tokens": C.NON_NEGATIVE, "sharpness_samples": C.NON_NEGATIVE, "stats_every": C.AT_LEAST_ONE}
+
+
 def resolve(cfg: SupervisedConfig) -> SupervisedConfig:
+    """Fill the protocol from the preset; check every setting (see :func:`experiments.config.resolve`)."""
+    cfg = C.check_values(cfg, VALID)
     C.check_choice("task", cfg.task, TASKS)
+    if cfg.tuned is not None:
+        raise C.ConfigError("tuned applies to continual-learning runs (cl-cm run, sweep), not to cl-cm supervised; "
+                            "give the chosen values as settings")
     C.check_choice("optimizer", cfg.optimizer, tuple(OPTIMIZERS))
     cfg = C.fill_protocol(cfg, cfg.task, LM_PROTOCOL if cfg.task == "ptb" else IMAGE_PROTOCOL)
-    C.check_choice("lr_schedule", cfg.lr_schedule, ("cosine", "constant"))
+    cfg = C.check_values(cfg, VALID)
+    if (cfg.model == "lstm") != (cfg.task == "ptb"):
+        raise C.ConfigError(f"model {cfg.model!r} does not take {cfg.task}; use "
+                            + ("lstm" if cfg.task == "ptb" else "slim_resnet18 or resnet34"))
     C.check_optimizer_settings(cfg)
-    for name in ("epochs", "batch_size", "width"):
-        if getattr(cfg, name) < 1:
-            raise C.ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    C.check_device(cfg.device)
+    C.check_data_root(cfg.data_root)
+    C.check_components(cfg)
     return cfg
 
 
@@ -92,6 +106,9 @@ def label(cfg: SupervisedConfig) -> str:
 def run(cfg: SupervisedConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Run, resume or read the run of ``cfg`` in ``cfg.out``."""
     cfg = resolve(cfg)
+    from .io import check_out
+
+    check_out(cfg.out)
     if cfg.threads:  # before config.json records the environment
         torch.set_num_threads(cfg.threads)
     train = _train_language_model if cfg.task == "ptb" else _train_images
@@ -105,12 +122,14 @@ def run(cfg: SupervisedConfig, *, quiet: bool = False) -> dict[str, Any]:
 
 def summary(m: dict[str, Any]) -> str:
     head = f"== {m['task']} ({m['preset']}) | {m['label']} | seed {m['seed']}: "
+    skipped = (f"; {m['skipped_steps']} optimizer step(s) skipped for NaN/Inf gradients"
+               if m.get("skipped_steps") else "")
     if m["task"] == "ptb":
         return head + f"validation perplexity {m['valid_ppl']:.1f}, test {m['test_ppl']:.1f}, " \
-                      f"{m['train_seconds']:.0f} s"
+                      f"{m['train_seconds']:.0f} s" + skipped
     sharp = m.get("top_hessian_eigenvalue")
     return head + f"test accuracy {100 * m['test_accuracy']:.2f}%, top Hessian eigenvalue " \
-                  f"{'n/a' if sharp is None else f'{sharp:.3g}'}, {m['train_seconds']:.0f} s"
+                  f"{'n/a' if sharp is None else f'{sharp:.3g}'}, {m['train_seconds']:.0f} s" + skipped
 
 
 # ---------------------------------------------------------------- the loops
@@ -134,16 +153,21 @@ class _Training:
         self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total)
                       if cfg.lr_schedule == "cosine" else None)
         self.buffered = hasattr(getattr(self.opt, "base_optimizer", self.opt), "buffer_stats")
-        self.checkpoint = out / "checkpoint.pt"
-        self.state = {"epoch": 0, "iteration": 0, "history": [], "buffer_series": [], "seconds": 0.0}
-        if self.checkpoint.exists():
-            ckpt = torch.load(self.checkpoint, weights_only=True, map_location=self.device)
+        from .checkpoint import Checkpoints
+
+        # plain tensors, loaded with weights_only=True (which never runs code): no authentication tag needed
+        self.checkpoints = Checkpoints(out, "checkpoint.pt", authenticate=False)
+        self.state = {"epoch": 0, "iteration": 0, "history": [], "buffer_series": [], "seconds": 0.0,
+                      "skipped_steps": 0}
+        ckpt = self.checkpoints.load(lambda f: torch.load(f, weights_only=True, map_location=self.device))
+        if ckpt is not None:
             self.model.load_state_dict(ckpt["model"])
             self.opt.load_state_dict(ckpt["optimizer"])
             if self.sched is not None:
                 self.sched.load_state_dict(ckpt["scheduler"])
             torch.set_rng_state(ckpt["rng"])
-            self.state = ckpt["state"]
+            self.state = {"skipped_steps": 0, **ckpt["state"]}
+        self._skipped_before = self.state["skipped_steps"]  # the optimizer counts from 0 in this process
 
     def epochs(self):
         from tqdm.auto import tqdm
@@ -180,16 +204,22 @@ class _Training:
         return self.world / global_count
 
     def end_epoch(self, epoch: int, record: dict) -> None:
-        from .io import atomic_write
+        from strategies import NonFiniteLossError, skipped_steps
 
+        if not math.isfinite(record["train_loss"]):
+            lr = ", ".join(f"{g['lr']:g}" for g in self.opt.param_groups)
+            raise NonFiniteLossError(f"the training loss became NaN or Inf in epoch {epoch + 1} with learning rate "
+                                     f"{lr}; the run stopped, since its numbers would be meaningless. Lower the "
+                                     "learning rate (or check the data and settings)")
         self.state["seconds"] += time.perf_counter() - self._started
         self.state["history"].append({"epoch": epoch + 1, **record})
         self.state["epoch"] = epoch + 1
+        self.state["skipped_steps"] = self._skipped_before + skipped_steps(self.opt)
         if self.rank == 0:
             ckpt = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                     "scheduler": self.sched.state_dict() if self.sched is not None else None,
                     "rng": torch.get_rng_state(), "state": self.state}
-            atomic_write(self.checkpoint, lambda f: torch.save(ckpt, f), mode="wb")
+            self.checkpoints.save(lambda f: torch.save(ckpt, f))
         if self.world > 1:
             torch.distributed.barrier()
 
@@ -197,7 +227,7 @@ class _Training:
         cfg = self.cfg
         out = {"kind": "supervised", "task": cfg.task, "preset": cfg.preset, "optimizer": cfg.optimizer,
                "label": label(cfg), "seed": cfg.seed, "history": self.state["history"],
-               "train_seconds": self.state["seconds"], **extra}
+               "train_seconds": self.state["seconds"], "skipped_steps": self.state["skipped_steps"], **extra}
         if self.state["buffer_series"]:
             out["buffer_series"] = self.state["buffer_series"]
         return out
@@ -210,7 +240,8 @@ def _train_images(cfg: SupervisedConfig, out: Path, quiet: bool) -> dict[str, An
     name, classes, mean, std = (("CIFAR-10", 10, CIFAR10_MEAN, CIFAR10_STD) if cfg.task == "cifar10"
                                 else ("CIFAR-100", 100, CIFAR100_MEAN, CIFAR100_STD))
     xtr, ytr, xte, yte = load_torchvision(name, cfg.data_root, cfg.download)
-    itr, ite = balanced_subset(ytr, cfg.train_per_class), balanced_subset(yte, cfg.test_per_class)
+    itr = balanced_subset(ytr, cfg.train_per_class, setting="train_per_class")
+    ite = balanced_subset(yte, cfg.test_per_class, setting="test_per_class")
     xtr = ImageTensorDataset.normalise(xtr[itr], mean, std)
     train = ImageTensorDataset(xtr, ytr[itr], augment=cfg.augment)
     test = ImageTensorDataset(ImageTensorDataset.normalise(xte[ite], mean, std), yte[ite])
@@ -320,11 +351,13 @@ def _train_language_model(cfg: SupervisedConfig, out: Path, quiet: bool) -> dict
 
 
 def grid(base: SupervisedConfig, optimizers, seeds, out: str | Path) -> list[SupervisedConfig]:
-    """One config per (optimizer, seed), each in ``out/<task>-<preset>/<label>/seed<S>``."""
+    """One config per (optimizer, seed), each in ``out/<task>-<preset>/<label>/seed<S>`` (file-name safe)."""
+    from .tuning import slug
+
     cells = []
     for optimizer in optimizers:
         for seed in seeds:
             cfg = resolve(dataclasses.replace(base, optimizer=optimizer, seed=seed))
-            folder = Path(out) / f"{cfg.task}-{cfg.preset}" / label(cfg).replace(" ", "-") / f"seed{seed}"
+            folder = Path(out) / slug(f"{cfg.task}-{cfg.preset}") / slug(label(cfg).replace(" ", "-")) / f"seed{seed}"
             cells.append(dataclasses.replace(cfg, out=str(folder)))
     return cells

@@ -38,7 +38,7 @@ from typing import Any
 
 from . import config as C
 from .executors import LocalExecutor, error_line, run_ranks
-from .io import RunLocked
+from .io import RunLocked, write_text
 from .launch import rank_and_world
 
 
@@ -73,6 +73,8 @@ def cell_folder(out: str | Path, cfg: C.RunConfig, varied: list[str]) -> Path:
 def expand(spec: dict[str, Any], out: str | Path, overrides: dict[str, Any] | None = None) -> list[C.RunConfig]:
     """The resolved RunConfigs of a sweep spec, without duplicates."""
     C.check_keys(spec, "the sweep file", allowed=("sweep", "base", "grid"))
+    if not isinstance(spec.get("sweep", {}), dict):
+        raise C.ConfigError(f"[sweep] must be a table (out, jobs), got {spec['sweep']!r}")
     C.check_keys(spec.get("sweep", {}), "[sweep]", allowed=("out", "jobs"))
     cells, seen = [], set()
     for grid_cells, grid in expand_grids(spec, overrides):
@@ -87,6 +89,8 @@ def expand(spec: dict[str, Any], out: str | Path, overrides: dict[str, Any] | No
 def expand_grids(spec: dict[str, Any], overrides: dict[str, Any] | None = None, with_space: bool = False):
     """For each ``[grid]`` table (or each of ``[[grid]]``): its resolved cells
     and the table. ``with_space`` lets a table carry a ``space`` sub-table (tune files)."""
+    if not isinstance(spec.get("base", {}), dict):
+        raise C.ConfigError(f"[base] must be a table of settings, got {spec['base']!r}")
     base = C.from_mapping({**spec.get("base", {}), **(overrides or {})}, "[base]")
     grids = spec.get("grid", {})
     for grid in (grids if isinstance(grids, list) else [grids]):
@@ -132,8 +136,7 @@ def _run_cell(cfg_dict: dict[str, Any], threads: int | None, ranks: int = 1) -> 
     except Exception:  # noqa: BLE001 - one broken cell must not stop the sweep ...
         if rank_and_world()[1] > 1:
             raise  # ... except under torchrun, where the ranks would wait for each other forever
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out) / "error.txt").write_text(traceback.format_exc())
+        write_text(Path(cfg.out) / "error.txt", traceback.format_exc())  # atomic: never through a planted link
         return cfg.out, f"{FAILED_IN_RUN}: {error_line(sys.exc_info()[1])} (see error.txt)"
     return cfg.out, "done before" if already else "done"
 
@@ -164,7 +167,7 @@ def run_sweep(spec: dict[str, Any], out: str | Path, jobs: int = 1, overrides: d
             status = f"{FAILED_ON_NODE if outcome.lost else FAILED_IN_RUN}: {outcome.message}"
             with contextlib.suppress(OSError):
                 Path(folder).mkdir(parents=True, exist_ok=True)
-                (Path(folder) / "error.txt").write_text(f"{status}\nRun the sweep again to resume this run.\n")
+                write_text(Path(folder) / "error.txt", f"{status}\nRun the sweep again to resume this run.\n")
         statuses[folder] = status
         bar.set_postfix_str(names[outcome.index])
         bar.update(1)

@@ -74,6 +74,31 @@ class ToyConfig:
     extra: dict = field(default_factory=dict)   # optimizer settings, e.g. {"kappa": 2.0}
 
 
+def check_toy(args) -> None:
+    """The settings of ``cl-cm toy`` (an argparse namespace), each of its type
+    and in its range; raises :class:`~experiments.config.ConfigError`."""
+    from strategies import OPTIMIZERS
+
+    from . import config as C
+
+    def number(flag, value, rule, integer=False):
+        if not C.is_number(value, integer) or not rule.admits(value):
+            raise C.ConfigError(f"{flag} must be {rule.describe(integer)}, got {value!r}")
+
+    number("--starts", args.starts, C.AT_LEAST_ONE, integer=True)
+    number("--steps", args.steps, C.AT_LEAST_ONE, integer=True)
+    number("--lr", args.lr, C.POSITIVE)
+    number("--rho", args.rho, C.NON_NEGATIVE)
+    for s in args.sharpness:
+        number("--sharpness", s, C.POSITIVE)
+    for seed in args.seeds:
+        number("--seeds", seed, C.VALID["seed"], integer=True)
+    for name in args.optimizers:
+        C.check_choice("optimizer (--optimizers)", name, tuple(OPTIMIZERS))
+    for name in args.landscapes:
+        C.check_choice("landscape (--landscapes)", name, LANDSCAPES)
+
+
 def landscape_fn(cfg: ToyConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     if cfg.landscape == "goldstein_price":
         return goldstein_price
@@ -155,6 +180,11 @@ def run_toy(cfg: ToyConfig, keep_trajectories: int = 8) -> dict:
             if i < keep_trajectories:
                 trajectories.append(path[:: max(1, cfg.steps // 100)].tolist())
         finals = torch.stack(finals)
+        if not torch.isfinite(f(finals)).all():
+            from strategies import NonFiniteLossError
+
+            raise NonFiniteLossError(f"{name} on {cfg.landscape}: the loss became NaN or Inf with learning rate "
+                                     f"{cfg.lr:g}; lower --lr")
         final_min = basin_minimum(f, finals)
         moved = (final_min - start_min).norm(dim=1) > 1e-2
         lower = f(final_min) <= f(start_min) + 1e-6

@@ -105,6 +105,17 @@ class TuneSpec:
     validation: dict[str, Any] = field(default_factory=dict)
 
 
+_FIELDS = {f.name: f for f in fields(C.RunConfig)}
+
+
+def _check_value(where: str, key: str, value) -> None:
+    """A value that a space may give ``key``: of the setting's type and in its range."""
+    try:
+        C.checked_value(_FIELDS[key], value)
+    except C.ConfigError as e:
+        raise C.ConfigError(f"{where} {key}: {e}") from None
+
+
 def _check_space(space: Any, where: str) -> dict[str, Any]:
     if not isinstance(space, dict):
         raise C.ConfigError(f"{where} must be a table of hyperparameters, got {space!r}")
@@ -115,17 +126,26 @@ def _check_space(space: Any, where: str) -> dict[str, Any]:
                 raise C.ConfigError(f"{where} {key} is an empty list; give at least one value")
             if len(set(map(repr, value))) != len(value):
                 raise C.ConfigError(f"{where} {key} lists a value twice: {value}")
+            for v in value:
+                _check_value(where, key, v)
         elif isinstance(value, dict):
             C.check_keys(value, f"{where} {key}", allowed=("low", "high", "log", "step"))
             if "low" not in value or "high" not in value:
                 raise C.ConfigError(f"{where} {key} needs low and high, e.g. {{ low = 1e-4, high = 1e-2, log = true }}")
             low, high = value["low"], value["high"]
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
+            if not all(C.is_number(v) for v in (low, high)):
                 raise C.ConfigError(f"{where} {key}: low and high must be finite numbers, got {low!r} and {high!r}")
             if low > high:
                 raise C.ConfigError(f"{where} {key}: low ({low}) is greater than high ({high}); swap them")
             if value.get("log") and low <= 0:
                 raise C.ConfigError(f"{where} {key}: a log range needs low > 0, got {low}")
+            for v in (low, high):
+                _check_value(where, key, v)
+            if "log" in value and not isinstance(value["log"], bool):
+                raise C.ConfigError(f"{where} {key}: log must be true or false, got {value['log']!r}")
+            step = value.get("step")
+            if step is not None and (not C.is_number(step) or step <= 0):
+                raise C.ConfigError(f"{where} {key}: step must be a finite number > 0, got {step!r}")
         else:
             raise C.ConfigError(f"{where} {key} must be a list of values or a range {{ low = ..., high = ... }}, "
                                 f"got {value!r}")
@@ -155,14 +175,17 @@ def load_spec(path: str | Path | dict, overrides: dict[str, Any] | None = None, 
     path = "tune" if isinstance(path, dict) else path
     C.check_keys(spec, "the tune file", allowed=("tune", "base", "grid", "space"))
     settings = spec.get("tune", {})
+    if not isinstance(settings, dict):
+        raise C.ConfigError(f"[tune] must be a table, got {settings!r}")
     C.check_keys(settings, "[tune]", allowed=("out", "jobs", "seeds", "trials", "validation", "validation_tasks",
                                               "validation_fraction"))
     seeds = settings.get("seeds", list(DEFAULT_SEEDS))
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = list(range(DEFAULT_SEEDS[0], DEFAULT_SEEDS[0] + seeds))
     if (not isinstance(seeds, list) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
-        raise C.ConfigError(f"[tune] seeds must be a non-empty list of integers >= 0 (or a count), got {seeds!r}")
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= C.MAX_SEED for s in seeds)):
+        raise C.ConfigError(f"[tune] seeds must be a non-empty list of integers in [0, {C.MAX_SEED}] (or a count "
+                            f">= 1), got {seeds!r}")
     trials = trials if trials is not None else settings.get("trials")
     if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
         raise C.ConfigError(f"trials must be an integer >= 1, got {trials!r}")
@@ -207,11 +230,13 @@ def load_spec(path: str | Path | dict, overrides: dict[str, Any] | None = None, 
             raise C.ConfigError(f"arm {arm.label} searches a range; set trials = N in [tune] or pass --trials N")
     for arm in arms:  # the validation settings must be valid for every arm
         C.resolve(dataclasses.replace(arm.cfg, **validation, **{k: _probe(v) for k, v in arm.space.items()}))
-    jobs = jobs or settings.get("jobs", 1)
+    jobs = jobs if jobs is not None else settings.get("jobs", 1)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise C.ConfigError(f"jobs must be an integer >= 1, got {jobs!r}")
-    return TuneSpec(arms, tuple(seeds), trials, out or settings.get("out") or f"runs/{Path(path).stem}", jobs,
-                    validation)
+        raise C.ConfigError(f"jobs (--jobs or [tune] jobs) must be an integer >= 1, got {jobs!r}")
+    out = out if out is not None else settings.get("out", f"runs/{Path(path).stem}")
+    if not isinstance(out, str):
+        raise C.ConfigError(f"[tune] out must be a folder name, got {out!r}")
+    return TuneSpec(arms, tuple(seeds), trials, out, jobs, validation)
 
 
 def _grid_size(space: dict[str, Any]) -> int | None:
@@ -395,6 +420,7 @@ def worker(spec: TuneSpec, storage: str, out: str | Path, threads: int | None = 
     budget callback); other workers may share the storage."""
     import optuna
 
+    from .checkpoint import CheckpointRefused
     from .data import DataNotFoundError
     from .io import RunLocked
 
@@ -417,8 +443,8 @@ def worker(spec: TuneSpec, storage: str, out: str | Path, threads: int | None = 
                 params = {k: _suggest(trial, k, v) for k, v in arm.space.items()}
                 try:
                     result = run_trial(spec, arm, params, out, threads, ranks)
-                except (C.ConfigError, DataNotFoundError, RunLocked):
-                    raise  # every trial would fail alike: stop the tune
+                except (C.ConfigError, DataNotFoundError, RunLocked, CheckpointRefused):
+                    raise  # every trial would fail alike, or the user must act: stop the tune
                 except Exception as e:  # noqa: BLE001 - a failed trial is recorded, the tune goes on
                     message = f"{type(e).__name__}: {e}".splitlines()[0]
                     trial.set_user_attr("error", message)
@@ -471,11 +497,18 @@ def tune(path: str | Path, out: str | None = None, trials: int | None = None, jo
     spec = load_spec(path, overrides, trials=trials, out=out, jobs=jobs)
     out_dir = Path(spec.out)
     _check_out(out_dir)
+    _check_storage(storage)
     record = {"file": str(path), "arms": [a.label for a in spec.arms], "space": {a.label: a.space for a in spec.arms},
               "seeds": list(spec.seeds), "trials": spec.trials, "validation": spec.validation}
     saved = out_dir / "tune.json"
     if saved.exists():
-        previous = read_json(saved)
+        try:
+            previous = read_json(saved)
+            if not isinstance(previous, dict):
+                raise TypeError("not a table")
+        except (OSError, ValueError, TypeError) as e:
+            raise C.ConfigError(f"{saved} cannot be read ({type(e).__name__}); choose another --out or delete "
+                                "that folder") from None
         changed = sorted(k for k in record if k != "file" and previous.get(k) != record[k])
         if changed:
             raise C.ConfigError(f"{out_dir} holds a tune with other settings ({', '.join(changed)} differ); choose "
@@ -512,8 +545,31 @@ def tune(path: str | Path, out: str | None = None, trials: int | None = None, jo
 
 
 def _check_out(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise C.ConfigError(f"--out {out_dir} is a file; give a folder")
+    from .io import check_out
+
+    check_out(out_dir)
+
+
+def _check_storage(storage: str | None) -> None:
+    """An Optuna storage URL whose database driver is installed, or a journal
+    file that can be written (nothing is connected to or created)."""
+    if storage is None:
+        return
+    if "://" in storage:
+        try:
+            from sqlalchemy.engine import make_url
+
+            make_url(storage).get_dialect()
+        except Exception as e:  # noqa: BLE001 - sqlalchemy's ArgumentError, NoSuchModuleError, ImportError...
+            raise C.ConfigError(f"--storage {storage!r} is not a storage URL that Optuna can open "
+                                f"({type(e).__name__}); use e.g. sqlite:///tune.db or a journal file path") from None
+        return
+    path = Path(storage)
+    if path.is_dir():
+        raise C.ConfigError(f"--storage {storage} is a folder; give a journal file path or a storage URL")
+    from .io import check_out
+
+    check_out(path.parent, "--storage's folder")
 
 
 def results(spec: TuneSpec, storage: str) -> list[dict[str, Any]]:
@@ -626,9 +682,9 @@ _TUNED_CACHE: dict[tuple[str, float], list[dict[str, Any]]] = {}
 
 def load_tuned(path: str | Path) -> list[dict[str, Any]]:
     """The finished arms of a tuned.toml."""
-    path = Path(path)
-    if not path.is_file():
+    if C.path_kind(path, "tuned") != "file":
         raise C.ConfigError(f"tuned file {path} does not exist; run cl-cm tune first, or fix the path")
+    path = Path(path)
     key = (str(path.resolve()), path.stat().st_mtime)
     if key not in _TUNED_CACHE:
         data = C.load_file(path)

@@ -6,6 +6,8 @@ import os
 import tempfile
 
 os.environ["HOME"] = tempfile.mkdtemp(prefix="cl_cm_home_")
+for name in ("XDG_CONFIG_HOME", "CL_CM_CHECKPOINT_KEY"):  # the checkpoint key: made in the temporary HOME
+    os.environ.pop(name, None)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402
