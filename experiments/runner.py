@@ -20,22 +20,18 @@ Inf gradients are counted in ``metrics.json`` (``skipped_steps``).
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
 import re
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.optim
-from avalanche.core import SupervisedPlugin
-from avalanche.evaluation import PluginMetric
-from avalanche.evaluation.metric_results import MetricValue
-from tqdm.auto import tqdm
+
+from strategies.checkpointing import iterators_set_aside, optimizers_by_reference, restore_iterators
+from strategies.metrics import TaskILAccuracy
+from strategies.progress import ProgressBars
 
 from . import config as C
 from . import metrics as M
@@ -44,78 +40,10 @@ from .io import check_out
 from .launch import default_device, rank_and_world
 from .results import managed_run
 
-# Avalanche's checkpoints pickle the strategy with dill, which finds a class
-# through its module's attribute on the parent package. torch.optim deletes
-# those attributes (torch.optim.sgd, ...), so dill would copy torch's optimizer
-# classes by value and fail; putting the loaded modules back lets it pickle
-# them by reference, as plain pickle does.
-for _name, _module in list(sys.modules.items()):
-    if _name.startswith("torch.optim.") and _name.count(".") == 2 and _module is not None:
-        setattr(torch.optim, _name.rsplit(".", 1)[1], _module)
-
 ACC_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
 TASK_IL_KEY = re.compile(r"^Top1_TaskIL_Acc_Exp/eval_phase/test_stream/Exp(\d+)$")
 BUFFER_KEY = re.compile(r"^Buffer_(\w+)/train_phase/train_stream/Exp(\d+)$")
 DISTANCE_KEY = re.compile(r"^Distance_(experience|init)/train_phase/train_stream/Exp(\d+)$")
-
-
-class TaskILAccuracy(PluginMetric):
-    """Accuracy with the logits masked to the classes of the evaluated
-    experience: the task-incremental accuracy of a single-head model."""
-
-    def __init__(self):
-        super().__init__()
-        self.correct = self.total = 0
-
-    def reset(self):
-        self.correct = self.total = 0
-
-    def result(self):
-        return self.correct / self.total if self.total else math.nan
-
-    def before_eval_exp(self, strategy):
-        self.reset()
-
-    def after_eval_iteration(self, strategy):
-        classes = torch.tensor(sorted(strategy.experience.classes_in_this_experience),
-                               device=strategy.mb_output.device)
-        pred = classes[strategy.mb_output[:, classes].argmax(dim=1)]
-        self.correct += int((pred == strategy.mb_y).sum())
-        self.total += len(strategy.mb_y)
-
-    def after_eval_exp(self, strategy):
-        name = f"Top1_TaskIL_Acc_Exp/eval_phase/test_stream/Exp{strategy.experience.current_experience:03d}"
-        return [MetricValue(self, name, self.result(), strategy.clock.train_iterations)]
-
-    def __str__(self):
-        return "Top1_TaskIL_Acc_Exp"
-
-
-class ProgressBars(SupervisedPlugin):
-    """A tqdm bar per experience, over its training iterations (off when not
-    on a terminal)."""
-
-    def __init__(self, enabled: bool, n_experiences: int):
-        super().__init__()
-        self.enabled, self.n_experiences, self.bar = enabled, n_experiences, None
-
-    def before_training_exp(self, strategy, **kw):
-        total = len(strategy.dataloader) * strategy.train_epochs
-        k = strategy.experience.current_experience
-        self.bar = tqdm(total=total, desc=f"experience {k + 1}/{self.n_experiences}", unit="it", leave=False,
-                        disable=None if self.enabled else True, dynamic_ncols=True)
-
-    def after_training_iteration(self, strategy, **kw):
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def after_training_exp(self, strategy, **kw):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def __getstate__(self):  # a checkpoint never holds a live bar
-        return {**self.__dict__, "bar": None}
 
 
 def run(cfg: C.RunConfig, *, quiet: bool = False) -> dict[str, Any]:
@@ -146,6 +74,8 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
                             FiniteLossPlugin, ParameterDistanceMetric, ResetMomentsPlugin, SelectiveEvaluationPlugin,
                             avalanche_as_single_process, make_optimizer, make_strategy, skipped_steps)
 
+    from cl_cm import has_buffer
+
     from .checkpoint import Checkpoints
     from .data import build_benchmark, build_model
 
@@ -160,7 +90,7 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), **C.optimizer_kwargs(cfg))
     plugins = [ProgressBars(cfg.progress and not quiet, bench.n_experiences), BatchedLoadingPlugin(),
                FiniteLossPlugin()]
-    if cfg.optimizer in C.BUFFERED_OPTIMIZERS:
+    if has_buffer(cfg.optimizer):
         plugins.insert(0, CriticalMomentaPlugin(cfg.boundary, cfg.factor, cfg.min_size, cfg.kappa_schedule,
                                                 cfg.kappa_start, cfg.kappa_end))
     if cfg.reset_moments:
@@ -177,10 +107,11 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
         strategy = make_strategy(cfg.strategy, model, optimizer, train_mb_size=cfg.batch_size,
                                  train_epochs=cfg.epochs, eval_mb_size=cfg.eval_batch_size, device=device,
                                  plugins=plugins, evaluator=evaluator, **C.strategy_kwargs(cfg))
+        optimizers_by_reference()
         checkpoints = Checkpoints(out, "checkpoint.pkl")
         strategy, start = checkpoints.load(lambda f: maybe_load_checkpoint(strategy, f, map_location=device)) \
             or (strategy, 0)
-        _restore_iterators(strategy)
+        restore_iterators(strategy)
         progress = getattr(strategy, "cl_cm_progress", None) or {"accuracy": [], "accuracy_task_il": [],
                                                                    "train_seconds": [], "sharpness": []}
         progress.setdefault("skipped_steps", [])
@@ -199,45 +130,9 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
                 progress["sharpness"].append(_sharpness_row(cfg, strategy, scenario, k))
             strategy.cl_cm_progress = progress
             if rank == 0:
-                with _iterators_set_aside(strategy):
+                with iterators_set_aside(strategy):
                     checkpoints.save(lambda f: save_checkpoint(strategy, f))
     return _collect(cfg, bench, progress, strategy.evaluator)  # the evaluator of a resumed run is the loaded one
-
-
-# Plugins that keep an iterator over a loader of theirs: (iterator, loader).
-# A-GEM draws its memory batches from ``buffer_dliter = iter(buffer_dataloader)``,
-# a generator, which pickle cannot copy.
-_PLUGIN_ITERATORS = (("buffer_dliter", "buffer_dataloader"),)
-
-
-@contextlib.contextmanager
-def _iterators_set_aside(strategy):
-    """Checkpoint without the plugins' iterators. They are recreated on
-    loading (:func:`_restore_iterators`), which is exact only for an iterator
-    not started yet, as A-GEM's is after an experience (it makes a new one in
-    ``after_training_exp``); a started one is refused rather than restarted."""
-    aside = []
-    for plugin in strategy.plugins:
-        for name, _ in _PLUGIN_ITERATORS:
-            value = getattr(plugin, name, None)
-            if inspect.isgenerator(value):
-                if inspect.getgeneratorstate(value) != inspect.GEN_CREATED:
-                    raise RuntimeError(f"{type(plugin).__name__}.{name} has been started; a checkpoint cannot "
-                                       "restore its position")
-                aside.append((plugin, name, value))
-                setattr(plugin, name, None)
-    try:
-        yield
-    finally:
-        for plugin, name, value in aside:
-            setattr(plugin, name, value)
-
-
-def _restore_iterators(strategy) -> None:
-    for plugin in strategy.plugins:
-        for name, loader in _PLUGIN_ITERATORS:
-            if hasattr(plugin, name) and getattr(plugin, name) is None and getattr(plugin, loader, None) is not None:
-                setattr(plugin, name, iter(getattr(plugin, loader)))
 
 
 def _row(results: dict, pattern: re.Pattern, n: int) -> list[float]:
