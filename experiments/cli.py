@@ -330,25 +330,14 @@ def _supervised(args) -> int:
 
 
 def _toy(args) -> int:
-    from .results import managed_run
-    from .toy import plot_toy, run_toy
+    from .results import execute
+    from .toy import ToyRun
 
     cfgs = C.toy_configs(args)
     _check_out(args.out)
+    kind = ToyRun(args.out)
     for cfg in cfgs:
-        name = cfg.landscape + (f"-s{cfg.sharpness:g}" if cfg.landscape == "sharp_wide" else "")
-        folder = Path(args.out) / name / f"seed{cfg.seed}"
-        settings = {**cfg.__dict__, "optimizers": list(cfg.optimizers)}
-
-        def train(out, cfg=cfg):
-            result = run_toy(cfg)
-            plot_toy(result, out / "trajectories.png")
-            return result
-
-        result, _ = managed_run(folder, settings, (), f"toy landscape {cfg.landscape}", train)
-        print(f"{name} seed {cfg.seed}: " + ", ".join(
-            f"{k} escape {100 * v['escape_ratio']:.0f}% loss {v['mean_final_loss']:.3g} "
-            f"travelled {v['mean_travelled']:.2f}" for k, v in result["results"].items()))
+        execute(kind, cfg)
     if args.report:
         from .report import render
 

@@ -115,7 +115,8 @@ class RunConfig(OptimizerSettings, RuntimeSettings):
     factor: float | None = _f(None, "factor of the decay and shrink policies, in (0, 1]", "buffer")
     min_size: int = _f(0, "smallest capacity the shrink policy leaves", "buffer")
     kappa_schedule: str = _f("constant", "kappa within each experience", "buffer", KAPPA_SCHEDULES)
-    kappa_start: float | None = _f(None, "kappa at the start of each experience", "buffer", shown="the value of --kappa")
+    kappa_start: float | None = _f(None, "kappa at the start of each experience", "buffer",
+                                   shown="the value of --kappa")
     kappa_end: float | None = _f(None, "kappa at the end of each experience (linear, cosine)", "buffer")
     reset_moments: bool = _f(False, "Adam family: zero m, v and the step count at each boundary (a buffer is "
                              "kept; the boundary policy decides its fate)", "buffer")

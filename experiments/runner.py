@@ -36,9 +36,8 @@ from strategies.progress import ProgressBars
 from . import config as C
 from . import metrics as M
 from .checkpoint import secret_key
-from .io import check_out
 from .launch import default_device, rank_and_world
-from .results import managed_run
+from .results import RunKind, execute
 
 ACC_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
 TASK_IL_KEY = re.compile(r"^Top1_TaskIL_Acc_Exp/eval_phase/test_stream/Exp(\d+)$")
@@ -46,23 +45,39 @@ BUFFER_KEY = re.compile(r"^Buffer_(\w+)/train_phase/train_stream/Exp(\d+)$")
 DISTANCE_KEY = re.compile(r"^Distance_(experience|init)/train_phase/train_stream/Exp(\d+)$")
 
 
+class ContinualRun(RunKind):
+    """``cl-cm run``: one continual-learning run (:class:`experiments.config.RunConfig`)."""
+
+    runtime_keys = C.RUNTIME_FIELDS
+
+    def resolve(self, cfg):
+        return C.resolve(cfg)
+
+    def label(self, cfg) -> str:
+        return C.run_label(cfg)
+
+    def protocol(self, cfg) -> str:
+        return C.protocol(cfg.benchmark, cfg.preset)["_description"]
+
+    def provenance(self, cfg) -> dict[str, str]:
+        from .tuning import tuned_keys
+
+        return C.provenance(cfg, tuned_keys(cfg))
+
+    def prepare(self, cfg) -> None:
+        secret_key()  # the checkpoint key, made or read before anything is written
+
+    def train(self, cfg, out: Path, quiet: bool) -> dict[str, Any]:
+        return _train(cfg, out, quiet)
+
+    def summary(self, metrics: dict[str, Any], cfg) -> str:
+        return render_summary(metrics, cfg)
+
+
 def run(cfg: C.RunConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume, or just read) the run described by ``cfg`` in
     ``cfg.out``; return its metrics. Safe to call again after a crash."""
-    cfg = C.resolve(cfg)
-    if cfg.threads:  # before config.json records the environment
-        torch.set_num_threads(cfg.threads)
-    from .tuning import tuned_keys
-
-    check_out(cfg.out)
-    secret_key()  # the checkpoint key, made or read before anything is written
-    metrics, _ = managed_run(cfg.out, cfg.to_dict(), C.RUNTIME_FIELDS,
-                             C.protocol(cfg.benchmark, cfg.preset)["_description"],
-                             lambda out: _train(cfg, out, quiet),
-                             provenance=C.provenance(cfg, tuned_keys(cfg)))
-    if not quiet and rank_and_world()[0] == 0:
-        print(render_summary(metrics, cfg))
-    return metrics
+    return execute(ContinualRun(), cfg, quiet=quiet)
 
 
 def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:

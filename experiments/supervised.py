@@ -33,7 +33,7 @@ from strategies.errors import NonFiniteLossError
 from . import config as C
 from .config import IMAGE_PROTOCOL, LM_PROTOCOL, TASKS, SupervisedConfig  # noqa: F401 (re-exported)
 from .launch import rank_and_world
-from .results import managed_run
+from .results import RunKind, execute
 
 #: the settings of a supervised run and their valid values are declared with every other setting
 VALID = C.SUPERVISED_VALID
@@ -66,21 +66,30 @@ def label(cfg: SupervisedConfig) -> str:
                                        for k, v in sorted(extra.items())])
 
 
+class SupervisedRun(RunKind):
+    """``cl-cm supervised``: one model, one optimizer, one seed (:class:`experiments.config.SupervisedConfig`)."""
+
+    runtime_keys = C.RUNTIME_FIELDS + ("stats_every",)
+
+    def resolve(self, cfg):
+        return resolve(cfg)
+
+    def label(self, cfg) -> str:
+        return label(cfg)
+
+    def protocol(self, cfg) -> str:
+        return C.protocol(cfg.task, cfg.preset, LM_PROTOCOL if cfg.task == "ptb" else IMAGE_PROTOCOL)["_description"]
+
+    def train(self, cfg, out: Path, quiet: bool) -> dict[str, Any]:
+        return (_train_language_model if cfg.task == "ptb" else _train_images)(cfg, out, quiet)
+
+    def summary(self, metrics: dict[str, Any], cfg) -> str:
+        return summary(metrics)
+
+
 def run(cfg: SupervisedConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Run, resume or read the run of ``cfg`` in ``cfg.out``."""
-    cfg = resolve(cfg)
-    from .io import check_out
-
-    check_out(cfg.out)
-    if cfg.threads:  # before config.json records the environment
-        torch.set_num_threads(cfg.threads)
-    train = _train_language_model if cfg.task == "ptb" else _train_images
-    metrics, _ = managed_run(cfg.out, cfg.to_dict(), C.RUNTIME_FIELDS + ("stats_every",),
-                             C.protocol(cfg.task, cfg.preset, LM_PROTOCOL if cfg.task == "ptb" else IMAGE_PROTOCOL)
-                             ["_description"], lambda out: train(cfg, out, quiet))
-    if not quiet and rank_and_world()[0] == 0:
-        print(summary(metrics))
-    return metrics
+    return execute(SupervisedRun(), cfg, quiet=quiet)
 
 
 def summary(m: dict[str, Any]) -> str:

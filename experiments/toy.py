@@ -36,6 +36,7 @@ import torch
 from cl_cm import make_optimizer
 
 from .config import LANDSCAPES, TOY_OPTIMIZERS, ToyConfig  # noqa: F401 (re-exported; the settings' home)
+from .results import RunKind
 
 
 def goldstein_price(p: torch.Tensor) -> torch.Tensor:
@@ -195,3 +196,33 @@ def plot_toy(result: dict, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+class ToyRun(RunKind):
+    """``cl-cm toy``: one landscape, sharpness and seed (:class:`ToyConfig`),
+    in ``<out>/<label>/seed<S>``, through :func:`experiments.results.execute`."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+
+    def label(self, cfg: ToyConfig) -> str:
+        return cfg.landscape + (f"-s{cfg.sharpness:g}" if cfg.landscape == "sharp_wide" else "")
+
+    def folder(self, cfg: ToyConfig) -> Path:
+        return self.out / self.label(cfg) / f"seed{cfg.seed}"
+
+    def settings(self, cfg: ToyConfig) -> dict:
+        return {**cfg.__dict__, "optimizers": list(cfg.optimizers)}
+
+    def protocol(self, cfg: ToyConfig) -> str:
+        return f"toy landscape {cfg.landscape}"
+
+    def train(self, cfg: ToyConfig, out: Path, quiet: bool) -> dict:
+        result = run_toy(cfg)
+        plot_toy(result, out / "trajectories.png")
+        return result
+
+    def summary(self, metrics: dict, cfg: ToyConfig) -> str:
+        return f"{self.label(cfg)} seed {cfg.seed}: " + ", ".join(
+            f"{k} escape {100 * v['escape_ratio']:.0f}% loss {v['mean_final_loss']:.3g} "
+            f"travelled {v['mean_travelled']:.2f}" for k, v in metrics["results"].items())
