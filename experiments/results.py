@@ -208,8 +208,9 @@ class RunKind:
     def label(self, cfg) -> str:
         raise NotImplementedError
 
-    def folder(self, cfg) -> Path:
-        return Path(cfg.out)
+    def folder(self, cfg) -> str | Path:
+        """The run's results folder, as given (an empty ``out`` is refused, not read as ".")."""
+        return cfg.out
 
     def settings(self, cfg) -> dict[str, Any]:
         return cfg.to_dict()

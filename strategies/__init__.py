@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-#: public name -> the module that defines it
+#: public name -> the module that defines it (a submodule, or cl_cm)
 _HOMES = {
     "BatchedLoadingPlugin": "batched_loading",
     "CriticalMomentaPlugin": "critical_momenta", "buffered_optimizer": "critical_momenta",
@@ -21,8 +21,8 @@ _HOMES = {
     "SelectiveEvaluationPlugin": "evaluation",
     "FiniteLossPlugin": "finite_loss", "skipped_steps": "finite_loss",
     "NonFiniteLossError": "errors",
-    "OPTIMIZERS": "factory", "STRATEGIES": "factory", "make_optimizer": "factory", "make_strategy": "factory",
-    "optimizer_options": "factory",
+    "STRATEGIES": "factory", "make_strategy": "factory",
+    "OPTIMIZERS": "cl_cm", "make_optimizer": "cl_cm", "optimizer_options": "cl_cm",  # the optimizers' home
     "BUFFER_STAT_KEYS": "metrics", "BufferStatsMetric": "metrics", "ParameterDistanceMetric": "metrics",
     "TaskILAccuracy": "metrics", "buffer_metrics": "metrics",
     "ResetMomentsPlugin": "moments", "reset_moments": "moments",
@@ -49,7 +49,7 @@ def __getattr__(name: str):
             if e.name != f"{__name__}.{name}":
                 raise
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    value = getattr(importlib.import_module(home if home == "cl_cm" else f"{__name__}.{home}"), name)
     globals()[name] = value  # found once
     return value
 
