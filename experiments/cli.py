@@ -188,6 +188,10 @@ def main(argv=None) -> int:
 
     try:
         if args.command in ("run", "sweep", "supervised"):
+            if args.command != "supervised":
+                # Importing Avalanche's strategies creates a logger (Avalanche's AETraining evaluator), which
+                # Avalanche refuses on ranks other than 0 once a process group exists: import them first.
+                import strategies.factory  # noqa: F401
             with process_group_from_env():  # under torchrun: data split across ranks, rank 0 writes
                 if args.command == "run":
                     from .runner import run
