@@ -405,6 +405,11 @@ def test_a_failed_run_never_blocks_its_corrected_rerun(data_root, tmp_path, caps
     assert (tmp_path / "p" / "checkpoint.pkl").exists()
     refused(capsys, smoke(data_root, tmp_path / "p", lr=0.01), tmp_path, "holds a run with other settings (lr differ)")
 
+    # results whose config.json is gone cannot be checked against the settings: refused, never taken as done
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "metrics.json").write_text('{"acc": 0.99}')
+    refused(capsys, smoke(data_root, tmp_path / "d"), tmp_path, "without the config.json")
+
 
 def _cfg(data_root, out, **kw) -> dict:
     return dict(benchmark="permuted_mnist", preset="smoke", data_root=str(data_root), out=str(out), progress=False,
