@@ -284,7 +284,9 @@ def _sweep(args) -> int:
         from .report import render
 
         print(f"report: {render(out)}")
-    return 1 if failed else 0
+    from .sweep import NOT_STARTED
+
+    return 2 if NOT_STARTED in statuses.values() else 1 if failed else 0  # 2: stopped for data or settings
 
 
 def _supervised(args) -> int:
