@@ -136,20 +136,24 @@ def folder_listing(where: Path, most: int = 12) -> str:
 
 def _needed(name: str, files) -> str:
     if name == "MNIST":
-        return f"the four idx files {', '.join(files)}, each plain or .gz"
+        return f"the four idx files {', '.join(files)} (each plain or .gz)"
     return ", ".join(files)
 
 
 def _incomplete(name: str, root: Path, where: Path, files, found: dict, archive: str | None, reason: str) -> str:
     """The one-line message for a data set not (wholly) on disk that could not be downloaded."""
     missing = [f for f in files if f not in found]
-    where_now = f"found {folder_listing(where)}" if where.is_dir() else f"{where} does not exist"
+    if where.is_dir():
+        state = f"is not complete in {where}"
+        now = f": found {folder_listing(where)}; missing {', '.join(missing)}"
+    else:
+        state, now = f"is not in {where} (no such folder)", ""
     hint = ""
     if archive and (root / archive).is_file():  # beside a folder of its own that is incomplete
         hint = f" ({root / archive} is there too: delete the incomplete folder {where} to have it extracted)"
-    return (f"{name} is not complete in {where} and could not be downloaded ({reason}): {where_now}; missing "
-            f"{', '.join(missing)}{hint}. Put {_needed(name, files)} there (torchvision's layout), or run where "
-            f"torchvision can download it (--data-root chooses the folder, now {root})")
+    return (f"{name} {state} and could not be downloaded ({reason}){now}{hint}. Put {_needed(name, files)} "
+            f"there (torchvision's layout), or run where torchvision can download it (--data-root chooses the "
+            f"folder, now {root})")
 
 
 def _extract(archive: Path, root: Path, folder: str, name: str) -> None:

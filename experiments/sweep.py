@@ -24,7 +24,8 @@ completed experience, so a killed sweep is finished by running it again.
 The cells run on this machine (``--jobs`` processes) or, with ``--executor
 ray``, as tasks on a Ray cluster (:mod:`experiments.executors`), with the same
 folders, locks and resumption; a cell that raised is reported with its
-message and never retried.
+message and never retried. Missing data or a setting refused at run time
+stops the sweep: every cell would fail the same way.
 """
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def test_missing_data_stops_the_sweep_with_one_line_and_a_rerun_clears_the_error
     stops = [line for line in captured.err.splitlines() if "stopped" in line]
     assert len(stops) == 1, captured.err
     assert stops[0].startswith("sweep: stopped: every run would fail the same way: DataNotFoundError: MNIST is not "
-                               f"complete in {root / 'MNIST' / 'raw'}")
+                               f"in {root / 'MNIST' / 'raw'} (no such folder) and could not be downloaded")
     assert "error.txt" in stops[0] and "Traceback" not in captured.err
     assert "1 failed in the run, 2 not started" in captured.out
     assert [p.parent.name for p in out.rglob("error.txt")] == ["seed0"], "the other cells never started"
