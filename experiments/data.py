@@ -52,7 +52,8 @@ def load_torchvision(name: str, root: str | Path, download: bool = True, test: b
     """(train images, train labels, test images, test labels) as uint8 / int64
     tensors; images are N×H×W (MNIST) or N×3×H×W (CIFAR). ``test=False``
     never reads the test files (None, None in their place). ``announce``:
-    a line on stderr before loading.
+    a line on stderr before downloading and before reading (none when the
+    data is missing: then the error is the only line).
 
     Read from torchvision's layout under ``root``: MNIST's four idx files in
     ``MNIST/raw``, each plain or gzipped (``.gz``, as distributed; the
@@ -66,8 +67,6 @@ def load_torchvision(name: str, root: str | Path, download: bool = True, test: b
     folder, files, archive = _LAYOUT[name]
     root = Path(root).expanduser()
     where = root / folder
-    if announce:
-        print(f"loading {name} from {root} ...", file=sys.stderr, flush=True)
     found = _find(name, where, files)
     if len(found) < len(files) and archive and (root / archive).is_file() and not where.exists():
         _extract(root / archive, root, folder, name)
@@ -76,6 +75,8 @@ def load_torchvision(name: str, root: str | Path, download: bool = True, test: b
         if not download:
             raise DataNotFoundError(_incomplete(name, root, where, files, found, archive,
                                                 "downloading is off (--no-download)"))
+        if announce:
+            print(f"downloading {name} into {root} ...", file=sys.stderr, flush=True)
         try:  # torchvision downloads (MNIST: the .gz files, and their extraction) into the same layout
             _DOWNLOADERS[name](str(root), train=True, download=True)
         except Exception as e:  # noqa: BLE001 - torchvision raises URLError, RuntimeError, OSError, ...
@@ -85,6 +86,8 @@ def load_torchvision(name: str, root: str | Path, download: bool = True, test: b
         if len(found) < len(files):
             raise DataNotFoundError(_incomplete(name, root, where, files, found, archive,
                                                 "the download did not give them"))
+    if announce:
+        print(f"loading {name} from {root} ...", file=sys.stderr, flush=True)
     try:
         if name == "MNIST":
             prefixes = ("train", "t10k") if test else ("train",)
