@@ -222,8 +222,8 @@ def run_sweep(spec: dict[str, Any], out: str | Path, jobs: int = 1, overrides: d
             stopped.append(shared)
             say(f"sweep: {STOPPED}: {shared} (in {folder}/error.txt)")
         elif status.startswith("failed") and status not in printed:  # each distinct failure once, as it happens
-            printed.add(status)
             say(f"sweep: {names[outcome.index]} {status.replace('see error.txt', f'in {folder}/error.txt')}")
+        printed.add(status)
         advance(outcome.index, lengths[outcome.index])
         bar.set_postfix_str(names[outcome.index])
     bar.close()

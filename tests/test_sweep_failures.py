@@ -72,6 +72,16 @@ def test_a_failure_of_one_cell_is_printed_at_once_and_the_others_run(tmp_path, c
     assert "1 done, 1 failed in the run" in captured.out
 
 
+def test_the_same_failure_is_printed_once_in_full(tmp_path, capsys):
+    root = write_mnist(tmp_path / "data", n_train=60, n_test=20)
+    text = SWEEP.replace('seed = [0, 1, 2]', 'seed = [0, 1]\nlr = [1e30]')  # every loss overflows alike
+    out = tmp_path / "runs"
+    assert cli(["sweep", str(sweep_file(tmp_path, root, text)), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("NonFiniteLossError: the training loss became NaN or Inf") == 2, err  # at once, then summed up
+    assert f"{out / 'permuted_mnist-smoke/naive/adam-lr1e+30/seed1'}: the same failure" in err
+
+
 def test_report_of_a_folder_without_finished_runs_writes_nothing(tmp_path, capsys):
     (tmp_path / "runs" / "cell").mkdir(parents=True)
     (tmp_path / "runs" / "cell" / "error.txt").write_text("boom")
