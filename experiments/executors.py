@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from . import config as C
+from .pool import call_reporting, read_reports, set_report_queue
 
 EXECUTORS = ("local", "ray")
 INSTALL_RAY = 'pip install -e ".[ray]"'
@@ -109,15 +110,15 @@ class LocalExecutor:
             return
         context = multiprocessing.get_context("spawn")
         queue = context.SimpleQueue() if report else None
-        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=context, initializer=_set_report_queue,
+        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=context, initializer=set_report_queue,
                                  initargs=(queue,)) as pool:
-            futures = {(pool.submit(_call_reporting, fn, i, *args) if report else pool.submit(fn, *args)): i
+            futures = {(pool.submit(call_reporting, fn, i, *args) if report else pool.submit(fn, *args)): i
                        for i, args in enumerate(calls)}
             pending = set(futures)
             try:
                 while pending:
                     done, pending = wait(pending, timeout=0.2 if report else None, return_when=FIRST_COMPLETED)
-                    _read_reports(queue, report)
+                    read_reports(queue, report)
                     for future in sorted(done, key=futures.get):
                         if future.cancelled():
                             continue
@@ -133,34 +134,13 @@ class LocalExecutor:
             finally:
                 for future in pending:
                     future.cancel()
-            _read_reports(queue, report)
+            read_reports(queue, report)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         pass
-
-
-#: in a pool worker: the pipe of :meth:`LocalExecutor.map`'s reports (set by the pool's initializer)
-_report_queue = None
-
-
-def _set_report_queue(queue) -> None:
-    global _report_queue
-    _report_queue = queue
-
-
-def _call_reporting(fn: Callable, index: int, *args):
-    """``fn(*args, report=send)`` in a pool worker, ``send(*message)`` putting
-    (index, message) in the pipe to the parent."""
-    return fn(*args, report=lambda *message: _report_queue.put((index, message)))
-
-
-def _read_reports(queue, report) -> None:
-    while queue is not None and not queue.empty():
-        index, message = queue.get()
-        report(index, *message)
 
 
 def import_ray():
