@@ -320,12 +320,16 @@ def render(folder: str | Path, out: str | Path | None = None, reference: str = B
         if path.is_symlink():
             raise C.ConfigError(f"{path} is a symbolic link; the report would be written elsewhere: delete it or "
                                 "give --out")
+    skipped: list[tuple[Path, str]] = []
+    runs = load_runs(folder, skipped)
+    if not runs:  # nothing to report: nothing written
+        unread = f" ({len(skipped)} could not be read, see the warnings above)" if skipped else ""
+        raise C.ConfigError(f"no finished run under {folder}{unread}: a run is finished when its folder holds "
+                            "metrics.json; no report written")
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for path in (out / "figures").iterdir():
         if path.is_symlink():  # a figure is never written through a link
             path.unlink()
-    skipped: list[tuple[Path, str]] = []
-    runs = load_runs(folder, skipped)
     lines = ["# Report", "",
              f"{len(runs)} finished run(s) under `{folder}`. ACC: average accuracy over all experiences at the "
              "end; BWT: backward transfer; forgetting: best earlier accuracy minus the final one, averaged over "
@@ -342,8 +346,6 @@ def render(folder: str | Path, out: str | Path | None = None, reference: str = B
         lines += [f"{len(skipped_steps)} run(s) skipped optimizer steps for NaN/Inf gradients:", ""]
         lines += [f"- `{_relative(r['folder'], folder)}`: {r['metrics']['skipped_steps']} step(s)"
                   for r in skipped_steps] + [""]
-    if not runs:
-        lines.append("No finished runs (a run is finished when its folder holds metrics.json).")
     kinds = defaultdict(list)
     for run in runs:
         kinds[run["metrics"].get("kind", "cl")].append(run)

@@ -118,9 +118,11 @@ class ProgressBars(SupervisedPlugin):
         return {**self.__dict__, "bar": None}
 
 
-def run(cfg: C.RunConfig, *, quiet: bool = False) -> dict[str, Any]:
+def run(cfg: C.RunConfig, *, quiet: bool = False, on_experience=None) -> dict[str, Any]:
     """Run (or resume, or just read) the run described by ``cfg`` in
-    ``cfg.out``; return its metrics. Safe to call again after a crash."""
+    ``cfg.out``; return its metrics. Safe to call again after a crash.
+    ``on_experience(done, total)`` is called after each experience is
+    checkpointed (and once on resuming, with the experiences done before)."""
     cfg = C.resolve(cfg)
     if cfg.threads:  # before config.json records the environment
         torch.set_num_threads(cfg.threads)
@@ -130,14 +132,14 @@ def run(cfg: C.RunConfig, *, quiet: bool = False) -> dict[str, Any]:
     secret_key()  # the checkpoint key, made or read before anything is written
     metrics, _ = managed_run(cfg.out, cfg.to_dict(), C.RUNTIME_FIELDS,
                              C.protocol(cfg.benchmark, cfg.preset)["_description"],
-                             lambda out: _train(cfg, out, quiet),
+                             lambda out: _train(cfg, out, quiet, on_experience),
                              provenance=C.provenance(cfg, tuned_keys(cfg)))
     if not quiet and rank_and_world()[0] == 0:
         print(render_summary(metrics, cfg))
     return metrics
 
 
-def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
+def _train(cfg: C.RunConfig, out: Path, quiet: bool, on_experience=None) -> dict[str, Any]:
     from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training.determinism.rng_manager import RNGManager
@@ -185,6 +187,8 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
                                                                    "train_seconds": [], "sharpness": []}
         progress.setdefault("skipped_steps", [])
         scenario = bench.scenario
+        if start and on_experience:
+            on_experience(start, bench.n_experiences)
         for k in range(start, bench.n_experiences):
             t0 = time.perf_counter()
             strategy.train(scenario.train_stream[k], eval_streams=[],
@@ -201,6 +205,8 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
             if rank == 0:
                 with _iterators_set_aside(strategy):
                     checkpoints.save(lambda f: save_checkpoint(strategy, f))
+            if on_experience:
+                on_experience(k + 1, bench.n_experiences)
     return _collect(cfg, bench, progress, strategy.evaluator)  # the evaluator of a resumed run is the loaded one
 
 
