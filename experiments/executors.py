@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from . import config as C
-from .pool import call_reporting, read_reports, set_report_queue
+from .pool import call_reporting, read_reports, start_worker
 
 EXECUTORS = ("local", "ray")
 INSTALL_RAY = 'pip install -e ".[ray]"'
@@ -110,8 +110,8 @@ class LocalExecutor:
             return
         context = multiprocessing.get_context("spawn")
         queue = context.SimpleQueue() if report else None
-        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=context, initializer=set_report_queue,
-                                 initargs=(queue,)) as pool:
+        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=context, initializer=start_worker,
+                                 initargs=(queue, os.getpid())) as pool:
             futures = {(pool.submit(call_reporting, fn, i, *args) if report else pool.submit(fn, *args)): i
                        for i, args in enumerate(calls)}
             pending = set(futures)

@@ -4,16 +4,30 @@ parent. Light to import: a spawned worker imports it before its first call.
 """
 from __future__ import annotations
 
+import os
+import threading
+import time
 from typing import Callable
 
 #: in a pool worker: the pipe to the parent (set by the pool's initializer; None when nothing is reported)
 _report_queue = None
 
 
-def set_report_queue(queue) -> None:
-    """The pool's initializer: the pipe of this worker's reports."""
+def start_worker(queue, parent: int) -> None:
+    """The pool's initializer: the pipe of this worker's reports, and a watch
+    that ends the worker when ``parent`` is gone (a sweep killed with SIGKILL
+    cannot stop its pool; its workers would run on, holding memory, with
+    nobody to receive their results; what they leave half-written is cleaned
+    up when the sweep runs again)."""
     global _report_queue
     _report_queue = queue
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def call_reporting(fn: Callable, index: int, *args):
