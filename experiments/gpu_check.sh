@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything in cl_cm that needs a CUDA GPU, in one unattended script (about 5 minutes on one GPU):
+# Everything in cl_cm that needs a CUDA GPU, in one unattended script (at most 8 minutes on one GPU):
 #   1. the CUDA tests (GPU matches CPU for every optimizer, at most one host sync per step, sharpness on CUDA);
 #   2. bench_step --device cuda: AdamCM eager and compiled against Adam foreach and fused (ResNet-18 shapes);
 #   3. a short Permuted-MNIST and Split-CIFAR-10 run (`cpu` presets) of Adam and Adam+CM on the GPU;
@@ -43,10 +43,10 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 SMOKE=${GPU_CHECK_SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
-    DEVICE=cpu PRESET=smoke STEPS=2 RUN_LIMIT=300 ONLY=(--only "default: fused" --warmup 1) N_MNIST="n_train=600, n_test=200" N_CIFAR="n_train=600, n_test=200"
+    DEVICE=cpu PRESET=smoke STEPS=2 RUN_LIMIT=300 THREADS=(--threads 1) ONLY=(--only "default: fused" --warmup 1) N_MNIST="n_train=600, n_test=200" N_CIFAR="n_train=600, n_test=200"
     GPU="the CPU (GPU_CHECK_SMOKE=1: a check of this script, not of a GPU)"
 else
-    DEVICE=cuda PRESET=cpu STEPS=50 RUN_LIMIT=60 ONLY=() N_MNIST="n_train=60000, n_test=10000" N_CIFAR="n_train=50000, n_test=10000"
+    DEVICE=cuda PRESET=cpu STEPS=50 RUN_LIMIT=45 THREADS=() ONLY=() N_MNIST="n_train=60000, n_test=10000" N_CIFAR="n_train=50000, n_test=10000"
     GPU=$("$PY" -c "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(0))" 2>/dev/null) \
     || stop "no CUDA GPU visible to torch ($("$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)' 2>&1 | tail -1))"
 fi
@@ -74,7 +74,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 }
 
 # ------------------------------------------------------------------ 1. CUDA tests
-step cuda-tests 120 "$PY" -m pytest -q -p no:cacheprovider -k "cuda" \
+step cuda-tests 90 "$PY" -m pytest -q -p no:cacheprovider -k "cuda" \
     tests/test_adam_cm.py tests/test_optim_conformance.py tests/test_sharpness.py
 grep -E "passed|failed|skipped" "$OUT/cuda-tests.log" | tail -n 1 | sed 's/^/    /' | tee -a "$SUMMARY"
 
@@ -96,7 +96,7 @@ fi
 for bench in permuted_mnist split_cifar10; do
     for opt in adam adam_cm; do
         step "run-$bench-$opt" "$RUN_LIMIT" "$PY" -m experiments.cli run --benchmark "$bench" --preset "$PRESET" --optimizer "$opt" \
-            --device "$DEVICE" --seed 0 --data-root "$DATA_ROOT" --out "$OUT/runs/$bench/$opt"
+            --device "$DEVICE" "${THREADS[@]}" --seed 0 --data-root "$DATA_ROOT" --out "$OUT/runs/$bench/$opt"
     done
 done
 
