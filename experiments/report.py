@@ -382,9 +382,11 @@ def render(folder: str | Path, out: str | Path | None = None, reference: str = B
     skipped: list[tuple[Path, str]] = []
     runs = load_runs(folder, skipped)
     lines = ["# Report", "",
-             f"{len(runs)} finished run(s) under `{folder}`. Accuracies in %, differences of accuracies in "
-             "percentage points (pp); mean ± std over seeds, n = number of seeds. Differences to the reference "
-             f"arm `{reference}` are paired by seed. Abbreviations are defined in the glossary at the end.", ""]
+             f"{len(runs)} finished run(s) under `{folder}`. "
+             + ("Accuracies in %, differences of accuracies in percentage points (pp); mean ± std over seeds, "
+                f"n = number of seeds. Differences to the reference arm `{reference}` are paired by seed. "
+                if any(r["metrics"].get("kind", "cl") != "toy" for r in runs) else "")
+             + "Abbreviations are defined in the glossary at the end.", ""]
     if skipped:
         lines += [f"Skipped {len(skipped)} run(s) whose files could not be used:", ""]
         lines += [f"- `{_relative(file, folder)}`: {reason}" for file, reason in skipped] + [""]
@@ -580,6 +582,18 @@ BUFFER_STATS = {  # statistic: (panel title, y-axis label); definitions in cl_cm
 }
 
 
+BUFFER_MEANING = {
+    "size": "size, the number of stored momenta",
+    "capacity": "capacity, the number of slots",
+    "mean_priority": "mean priority, the decayed gradient norm ‖g‖₂ of the stored steps",
+    "replacement_rate": "replacement rate, the share of steps with a full buffer whose momentum replaced a "
+                        "stored one",
+    "exploration": "exploration ‖mean(B)‖/‖m‖, the buffer term's size relative to Adam's momentum",
+    "cosine_similarity": "the mean pairwise cosine of the stored entries (gradient cancellation: low means "
+                         "they cancel)",
+}
+
+
 def _wrap(label: str) -> str:
     """Row labels on figures: one setting per line."""
     return label.replace(" ", "\n")
@@ -737,6 +751,7 @@ def _figures(slug: str, by_policy, policies, out: Path) -> list[str]:
                     color=styles[policy]["color"], capsize=3, height=0.7)
             ax.scatter(values, [y] * len(values), color="black", s=8, zorder=3)
         ax.set_yticks(range(n), policies)
+        ax.set_ylabel("arm")
         ax.invert_yaxis()
         ax.set_xlabel("forgetting (pp)")
         ax.set_title("Forgetting per arm (bar: mean ± sd over seeds, dots: seeds)")
@@ -778,7 +793,7 @@ def _figures(slug: str, by_policy, policies, out: Path) -> list[str]:
             drawn.append(key)
     if drawn:
         arms = [p for p in policies if any(p in per_stat[k] for k in drawn)]
-        cols_ = min(len(drawn), 3)
+        cols_ = 2 if len(drawn) == 4 else min(len(drawn), 3)
         fig, axes = plt.subplots(math.ceil(len(drawn) / cols_), cols_, squeeze=False, layout="constrained",
                                  figsize=(3.6 * cols_ + (2.6 if arms else 0), 2.9 * math.ceil(len(drawn) / cols_)
                                           + 0.6), sharex=True)
@@ -806,11 +821,10 @@ def _figures(slug: str, by_policy, policies, out: Path) -> list[str]:
         fig.supxlabel("experience (value at its end)")
         fig.suptitle("Buffer statistics at the end of each experience (mean ± sd over seeds)")
         _arm_legend(fig, styles, arms, line=True)
-        save(fig, "buffer-stats", "Buffer statistics of the arms with a buffer, at the end of each experience: "
-             "stored entries, mean priority (the decayed gradient norm ‖g‖₂ of the stored steps), the share of "
-             "steps with a full buffer whose momentum replaced a stored one, exploration ‖mean(B)‖/‖m‖ and the "
-             "mean pairwise cosine of stored entries; a gap is an experience where the statistic is undefined "
-             "(empty buffer)." + (" Not drawn: " + "; ".join(notes) + "." if notes else ""))
+        save(fig, "buffer-stats", "Buffer statistics of the arms with a buffer, at the end of each experience "
+             "(a gap: undefined there, e.g. an empty buffer): " + "; ".join(BUFFER_MEANING[k] for k in drawn if k in
+                                                                       BUFFER_MEANING) + "."
+             + (" Not drawn: " + "; ".join(notes) + "." if notes else ""))
     elif notes:
         lines += ["Buffer statistics: " + "; ".join(notes) + " (no figure).", ""]
 
@@ -937,53 +951,89 @@ def _supervised_figures(slug, by_label, labels, lm: bool, out: Path) -> list[str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
 
-    sns.set_theme(style="whitegrid", context="notebook")
-    palette = dict(zip(labels, sns.color_palette("tab10", len(labels))))
-    files = []
+    _theme()
+    styles = arm_styles(labels)
+    lines: list[str] = []
 
-    def save(fig, name, tight=True):
-        if tight:
-            fig.tight_layout()
+    def save(fig, name, caption):
         path = out / "figures" / f"{slug}-{name}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
-        files.append((name, path.relative_to(out)))
+        lines.extend([f"![{name}]({path.relative_to(out)})", "", _caption(caption), ""])
+
+    def curve(ax, label, points):
+        """Mean ± sd over seeds of (x, y) points, one line for an optimizer."""
+        by_x = defaultdict(list)
+        for x, y in points:
+            by_x[x].append(y)
+        xs = sorted(by_x)
+        mean = np.array([np.mean(by_x[x]) for x in xs])
+        st = styles[label]
+        ax.plot(xs, mean, color=st["color"], marker=st["marker"], markersize=4, lw=1.3)
+        if any(len(by_x[x]) > 1 for x in xs):
+            sd = np.array([np.std(by_x[x], ddof=1) if len(by_x[x]) > 1 else 0.0 for x in xs])
+            ax.fill_between(xs, mean - sd, mean + sd, color=st["color"], alpha=0.15, lw=0)
 
     metric = "valid_ppl" if lm else "test_accuracy"
     ylabel = "validation perplexity" if lm else "test accuracy (%)"
-    rows = [{"optimizer": lab, "epoch": h["epoch"], ylabel: h[metric] * (1 if lm else 100)}
-            for lab in labels for r in by_label[lab] for h in r["metrics"]["history"]]
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    sns.lineplot(data=pd.DataFrame(rows), x="epoch", y=ylabel, hue="optimizer", hue_order=labels,
-                 palette=palette, errorbar="sd", marker="o", ax=ax)
-    ax.set_title(f"{ylabel} during training (mean ± sd over seeds)", fontsize=10)
-    save(fig, "curves")
+    fig, ax = plt.subplots(figsize=(5.2 + 1.8, 3.6), layout="constrained")
+    for lab in labels:
+        curve(ax, lab, [(h["epoch"], h[metric] * (1 if lm else 100)) for r in by_label[lab]
+                        for h in r["metrics"]["history"]])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel[0].upper() + ylabel[1:]} during training")
+    _arm_legend(fig, styles, labels, title="optimizer", line=True)
+    save(fig, "curves", f"{ylabel[0].upper() + ylabel[1:]} after each epoch, mean (line) ± sd (band) over seeds.")
     if not lm:
-        rows = [{"optimizer": lab, "top Hessian eigenvalue": r["metrics"]["top_hessian_eigenvalue"]}
-                for lab in labels for r in by_label[lab] if r["metrics"].get("top_hessian_eigenvalue") is not None]
-        if rows:
-            fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 2.5, 3.4))
-            sns.barplot(data=pd.DataFrame(rows), x="optimizer", y="top Hessian eigenvalue", order=labels,
-                        hue="optimizer", palette=palette, legend=False, errorbar="sd", capsize=0.2, ax=ax)
-            ax.set_xlabel("")
-            ax.set_xticks(range(len(labels)), [_wrap(lab) for lab in labels], fontsize=7)
-            ax.set_title("Sharpness at the end of training (mean ± sd)", fontsize=10)
-            save(fig, "sharpness")
-    rows = [{"optimizer": lab, "iteration": p["iteration"], "statistic": stat, "value": p[stat]}
-            for lab in labels for r in by_label[lab] for p in r["metrics"].get("buffer_series", [])
-            for stat in ("cosine_similarity", "exploration") if p.get(stat) is not None]
-    if rows:
-        grid = sns.relplot(data=pd.DataFrame(rows), x="iteration", y="value", hue="optimizer", col="statistic",
-                           kind="line", errorbar="sd", palette=palette, height=3, aspect=1.3,
-                           facet_kws={"sharey": False})
-        grid.set_titles("{col_name}")
-        grid.figure.suptitle("Gradient cancellation: pairwise cosine of stored entries, and "
-                             "‖mean(B)‖/‖m‖", y=1.04, fontsize=10)
-        save(grid.figure, "buffer", tight=False)
-    return [f"![{name}]({path})" for name, path in files] + [""]
+        values = {lab: [r["metrics"]["top_hessian_eigenvalue"] for r in by_label[lab]
+                        if r["metrics"].get("top_hessian_eigenvalue") is not None] for lab in labels}
+        shown = [lab for lab in labels if values[lab]]
+        if shown:
+            fig, ax = plt.subplots(figsize=(6.0, 0.4 * len(shown) + 1.4), layout="constrained")
+            for y, lab in enumerate(shown):
+                ax.barh(y, np.mean(values[lab]), xerr=np.std(values[lab], ddof=1) if len(values[lab]) > 1 else None,
+                        color=styles[lab]["color"], capsize=3, height=0.7)
+                ax.scatter(values[lab], [y] * len(values[lab]), color="black", s=8, zorder=3)
+            ax.set_yticks(range(len(shown)), shown)
+            ax.set_ylabel("optimizer")
+            ax.invert_yaxis()
+            ax.set_xlabel("λmax at the end of training")
+            ax.set_title("Sharpness at the end of training (bar: mean ± sd, dots: seeds)")
+            save(fig, "sharpness", "λmax, the top Hessian eigenvalue of the training loss at the end of training, "
+                 "per optimizer.")
+    stats = {"cosine_similarity": ("cosine of stored entries", "mean pairwise cosine"),
+             "exploration": ("exploration ‖mean(B)‖ / ‖m‖", "ratio")}
+    series = {stat: {lab: [(p["iteration"], p[stat]) for r in by_label[lab]
+                           for p in (r["metrics"].get("buffer_series") or []) if p.get(stat) is not None]
+                     for lab in labels} for stat in stats}
+    drawn = [stat for stat in stats if any(series[stat].values())]
+    notes = []
+    for stat in list(drawn):
+        if _is_constant([y for points in series[stat].values() for _, y in points]):
+            notes.append(f"{stats[stat][0]} is {_finite(y for pts in series[stat].values() for _, y in pts)[0]:g} "
+                         "throughout")
+            drawn.remove(stat)
+    if drawn:
+        arms = [lab for lab in labels if any(series[stat][lab] for stat in drawn)]
+        fig, axes = plt.subplots(1, len(drawn), figsize=(4.2 * len(drawn) + 1.8, 3.4), squeeze=False,
+                                 layout="constrained")
+        for ax, stat in zip(axes[0], drawn):
+            for lab in arms:
+                if series[stat][lab]:
+                    curve(ax, lab, series[stat][lab])
+            ax.set_title(stats[stat][0])
+            ax.set_ylabel(stats[stat][1])
+            ax.set_xlabel("training step")
+        fig.suptitle("Gradient cancellation in the buffer during training")
+        _arm_legend(fig, styles, arms, title="optimizer", line=True)
+        save(fig, "buffer", "Mean pairwise cosine of the stored entries (low: they cancel) and exploration "
+             "‖mean(B)‖/‖m‖ against the training step, mean ± sd over seeds."
+             + (" Not drawn: " + "; ".join(notes) + "." if notes else ""))
+    elif notes:
+        lines += ["Buffer statistics: " + "; ".join(notes) + " (no figure).", ""]
+    return lines
 
 
 # ------------------------------------------------------------------ toy runs
@@ -992,13 +1042,6 @@ def _toy_figure(landscape: str, sharpness) -> str:
 
 
 def _toy_sections(runs, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
-
     from .toy import plot_toy
 
     lines = ["## Toy landscapes", "",
@@ -1029,14 +1072,55 @@ def _toy_sections(runs, out: Path) -> list[str]:
     for (landscape, sharpness), rs in sorted(by_case.items(), key=str):
         name = _toy_figure(landscape, sharpness)
         lines.append(f"![{name}](figures/{name})")
+    lines.append("")
+    lines.append(_caption("Trajectories of one seed on each landscape (grey levels: the loss, darker is lower): "
+                          "a white dot marks each start, a cross its end point; the panel title gives the escape "
+                          "ratio over all starts of that seed."))
+    lines.append("")
     if len({r["sharpness s"] for r in sweep_rows}) > 1:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        sns.lineplot(data=pd.DataFrame(sweep_rows), x="sharpness s", y="escape ratio (%)", hue="optimizer",
-                     errorbar="sd", marker="o", palette="tab10", ax=ax)
-        ax.set_xlabel("width s of the sharp minimum (smaller: sharper)")
-        ax.set_title("sharp_wide: escape ratio against sharpness", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(out / "figures" / "toy-escape-vs-sharpness.png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        lines.append("![escape-vs-sharpness](figures/toy-escape-vs-sharpness.png)")
+        lines += _escape_figure(sweep_rows, out)
     return lines + [""]
+
+
+def _escape_figure(sweep_rows, out: Path) -> list[str]:
+    """sharp_wide: escape ratio against the width of the sharp minimum, one
+    line per optimizer; optimizers with the same curve are drawn side by side
+    (a small horizontal offset) and named in the caption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _theme()
+    names = list(dict.fromkeys(r["optimizer"] for r in sweep_rows))
+    styles = arm_styles(names)
+    widths = sorted({r["sharpness s"] for r in sweep_rows})
+    curves = {}
+    for name in names:
+        per_s = [[r["escape ratio (%)"] for r in sweep_rows if r["optimizer"] == name and r["sharpness s"] == s]
+                 for s in widths]
+        curves[name] = ([float(np.mean(v)) for v in per_s],
+                        [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in per_s])
+    dodge = 0.012 * (widths[-1] - widths[0])
+    fig, ax = plt.subplots(figsize=(5.2 + 1.8, 3.6), layout="constrained")
+    for i, name in enumerate(names):
+        mean, sd = curves[name]
+        xs = np.array(widths) + (i - (len(names) - 1) / 2) * dodge
+        ax.errorbar(xs, mean, yerr=sd, color=styles[name]["color"], marker=styles[name]["marker"], markersize=6,
+                    markeredgecolor="black", markeredgewidth=0.4, capsize=2, lw=1.3, label=name)
+    ax.set_xlabel("width s of the sharp minimum (smaller: sharper)")
+    ax.set_ylabel("escape ratio (%)")
+    ax.set_title("sharp_wide: escape ratio against sharpness")
+    fig.legend(title="optimizer", loc="outside right upper", frameon=False)
+    path = out / "figures" / "toy-escape-vs-sharpness.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    same = defaultdict(list)
+    for name in names:
+        same[tuple(curves[name][0])].append(name)
+    overlap = [group for group in same.values() if len(group) > 1]
+    caption = ("Escape ratio (%) on the sharp_wide landscape against the width s of its sharp minimum, mean ± sd "
+               "over seeds; markers of different optimizers at the same s are offset slightly sideways.")
+    for group in overlap:
+        caption += f" {', '.join(group)} have the same escape ratio at every s."
+    return ["![escape-vs-sharpness](figures/toy-escape-vs-sharpness.png)", "", _caption(caption), ""]
