@@ -625,9 +625,10 @@ def _finite(values) -> list[float]:
 
 
 def _is_constant(values) -> bool:
-    """True when every finite value is the same (so a plot of them shows one level)."""
+    """True when there are several finite values and all are the same (a plot
+    of them shows one level)."""
     values = _finite(values)
-    return len(values) > 0 and max(values) - min(values) <= 1e-12 * max(1.0, abs(values[0]))
+    return len(values) > 1 and max(values) - min(values) <= 1e-12 * max(1.0, abs(values[0]))
 
 
 def _arm_legend(fig, styles, labels, title="arm", line=False) -> None:
