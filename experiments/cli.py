@@ -306,13 +306,16 @@ def _sweep(args) -> int:
     kinds = [v.split(":")[0] for v in statuses.values()]  # done, done before, running elsewhere, failed in the run...
     print(f"sweep: {len(statuses)} runs in {out}: " + ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds))))
     failed = sorted((v, k) for k, v in statuses.items() if v.startswith("failed"))
-    for status, folder in failed:  # the runs that raised, then those lost with their worker or node
-        print(f"  {folder}: {status}", file=sys.stderr)
+    for i, (status, folder) in enumerate(failed):  # the runs that raised, then those lost with their worker or node
+        same = i and failed[i - 1][0] == status
+        print(f"  {folder}: {'the same failure' if same else status}", file=sys.stderr)
     if args.report:
         from .report import render
 
         print(f"report: {render(out)}")
-    return 1 if failed else 0
+    from .sweep import NOT_STARTED
+
+    return 2 if NOT_STARTED in statuses.values() else 1 if failed else 0  # 2: stopped for data or settings
 
 
 def _supervised(args) -> int:

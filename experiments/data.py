@@ -1,10 +1,11 @@
 """Data sets through torchvision, and the continual-learning benchmarks built on them.
 
 With a network, torchvision downloads what is missing into ``--data-root``.
-Files already there are used as they are, including local copies rebuilt
-from other sources whose checksums differ from torchvision's list (CIFAR is
-read without its md5 check when the files are present). Missing data without
-a network raises :class:`DataNotFoundError`, which says where to put which files.
+Files already there are read as they are (:func:`load_torchvision`: MNIST's
+idx files plain or gzipped, CIFAR's batches, or its archive extracted),
+including local copies whose checksums differ from torchvision's list.
+Missing or unusable data without a network raises :class:`DataNotFoundError`,
+one line saying which files were found and which are needed.
 
 Images are normalised into one float tensor once; a sample is then a row of
 it (permuted, or augmented, with tensor operations), which keeps the
@@ -12,6 +13,10 @@ per-sample cost of Avalanche's data loading small.
 """
 from __future__ import annotations
 
+import math
+import os
+import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,61 +34,229 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
 class DataNotFoundError(FileNotFoundError):
-    """The data set is neither on disk nor downloadable."""
+    """The data set is neither on disk (complete and readable) nor downloadable."""
 
 
-class LocalCIFAR10(torchvision.datasets.CIFAR10):
-    """CIFAR-10 read from ``root/cifar-10-batches-py`` without md5 checks,
-    for local copies whose files differ from the original bytes."""
-
-    train_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.test_list]
-    meta = {**torchvision.datasets.CIFAR10.meta, "md5": None}
-
-
-class LocalCIFAR100(torchvision.datasets.CIFAR100):
-    """CIFAR-100 read from ``root/cifar-100-python`` without md5 checks."""
-
-    train_list = [[name, None] for name, _ in torchvision.datasets.CIFAR100.train_list]
-    test_list = [[name, None] for name, _ in torchvision.datasets.CIFAR100.test_list]
-    meta = {**torchvision.datasets.CIFAR100.meta, "md5": None}
-
-
-_SOURCES = {
-    "MNIST": (torchvision.datasets.MNIST, torchvision.datasets.MNIST, "MNIST/raw", MNIST_FILES),
-    "CIFAR-10": (torchvision.datasets.CIFAR10, LocalCIFAR10, "cifar-10-batches-py", CIFAR10_FILES),
-    "CIFAR-100": (torchvision.datasets.CIFAR100, LocalCIFAR100, "cifar-100-python", CIFAR100_FILES),
+#: what each data set needs under ``--data-root``: (folder, files, archive torchvision downloads into the root)
+_LAYOUT = {
+    "MNIST": ("MNIST/raw", MNIST_FILES, None),
+    "CIFAR-10": ("cifar-10-batches-py", CIFAR10_FILES, "cifar-10-python.tar.gz"),
+    "CIFAR-100": ("cifar-100-python", CIFAR100_FILES, "cifar-100-python.tar.gz"),
 }
+_DOWNLOADERS = {"MNIST": torchvision.datasets.MNIST, "CIFAR-10": torchvision.datasets.CIFAR10,
+                "CIFAR-100": torchvision.datasets.CIFAR100}
 
 
-def load_torchvision(name: str, root: str | Path, download: bool = True, test: bool = True
+def load_torchvision(name: str, root: str | Path, download: bool = True, test: bool = True, announce: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(train images, train labels, test images, test labels) as uint8 / int64
     tensors; images are N×H×W (MNIST) or N×3×H×W (CIFAR). ``test=False``
-    never reads the test files (None, None in their place)."""
-    remote, local, folder, files = _SOURCES[name]
+    never reads the test files (None, None in their place). ``announce``:
+    a line on stderr before downloading and before reading (none when the
+    data is missing: then the error is the only line).
+
+    Read from torchvision's layout under ``root``: MNIST's four idx files in
+    ``MNIST/raw``, each plain or gzipped (``.gz``, as distributed; the
+    ``.idx`` spelling, ``train-images.idx3-ubyte``, too); CIFAR's python
+    batches in ``cifar-10-batches-py`` (``cifar-100-python``), extracted first
+    from ``cifar-10-python.tar.gz`` (``cifar-100-python.tar.gz``) in ``root``
+    when only the archive is there. Missing files are downloaded by
+    torchvision when ``download``; otherwise, or when files are present but
+    unusable, :class:`DataNotFoundError` says, in one line, which files were
+    found and which are needed."""
+    folder, files, archive = _LAYOUT[name]
     root = Path(root).expanduser()
-    present = all((root / folder / f).exists() for f in files)
+    where = root / folder
+    found = _find(name, where, files)
+    if len(found) < len(files) and archive and (root / archive).is_file() and not where.exists():
+        _extract(root / archive, root, folder, name)
+        found = _find(name, where, files)
+    if len(found) < len(files):
+        if not download:
+            raise DataNotFoundError(_incomplete(name, root, where, files, found, archive,
+                                                "downloading is off (--no-download)"))
+        if announce:
+            print(f"downloading {name} into {root} ...", file=sys.stderr, flush=True)
+        try:  # torchvision downloads (MNIST: the .gz files, and their extraction) into the same layout
+            _DOWNLOADERS[name](str(root), train=True, download=True)
+        except Exception as e:  # noqa: BLE001 - torchvision raises URLError, RuntimeError, OSError, ...
+            raise DataNotFoundError(_incomplete(name, root, where, files, found, archive,
+                                                f"{type(e).__name__}: {' '.join(str(e).split())}")) from None
+        found = _find(name, where, files)
+        if len(found) < len(files):
+            raise DataNotFoundError(_incomplete(name, root, where, files, found, archive,
+                                                "the download did not give them"))
+    if announce:
+        print(f"loading {name} from {root} ...", file=sys.stderr, flush=True)
     try:
-        if not present and not download:
-            raise FileNotFoundError("missing files, and downloading is off (--no-download)")
-        source = local if present else remote
-        train = source(str(root), train=True, download=not present)
-        test_set = source(str(root), train=False, download=not present) if test else None
-    except Exception as e:  # torchvision raises URLError, RuntimeError, OSError, ...
-        where = root / folder
-        raise DataNotFoundError(
-            f"{name} is not in {where} and could not be downloaded ({type(e).__name__}: {e}).\n"
-            f"Run where torchvision can download it, or put these files in {where}: {', '.join(files)}\n"
-            f"(torchvision's layout; --data-root chooses the folder, now {root}).") from None
-    return (*_tensors(train), *(_tensors(test_set) if test_set is not None else (None, None)))
+        if name == "MNIST":
+            prefixes = ("train", "t10k") if test else ("train",)
+            pairs = [_read_mnist_pair(found[f"{p}-images-idx3-ubyte"], found[f"{p}-labels-idx1-ubyte"])
+                     for p in prefixes]
+        else:
+            key = "labels" if name == "CIFAR-10" else "fine_labels"
+            train_files = [f for f in files if f.startswith("data_batch")] or ["train"]
+            pairs = [_read_cifar([found[f] for f in train_files], key)]
+            if test:
+                pairs.append(_read_cifar([found["test_batch" if name == "CIFAR-10" else "test"]], key))
+    except _Unusable as e:
+        raise DataNotFoundError(f"{name} in {where} cannot be used: {e}; found {folder_listing(where)}; needed "
+                                f"{_needed(name, files)}. Replace that file (a fresh download or copy), or delete "
+                                f"it to have torchvision download it (--data-root chooses the folder, now {root})"
+                                ) from None
+    (xtr, ytr), (xte, yte) = pairs[0], (pairs[1] if test else (None, None))
+    return xtr, ytr, xte, yte
 
 
-def _tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
-    data = ds.data
-    if not isinstance(data, torch.Tensor):  # CIFAR: numpy N×H×W×C
-        data = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
-    return data, torch.as_tensor(ds.targets, dtype=torch.long)
+class _Unusable(Exception):
+    """A data file that is there but cannot be read as what it should hold."""
+
+
+def _find(name: str, where: Path, files) -> dict[str, Path]:
+    """The needed files present in ``where``: {needed name: path}. MNIST's
+    idx files may be gzipped and spelt ``.idx`` (``train-images.idx3-ubyte``)."""
+    found = {}
+    for needed in files:
+        spellings = [needed]
+        if name == "MNIST":
+            dotted = needed.replace("-idx", ".idx")
+            spellings = [needed, dotted, needed + ".gz", dotted + ".gz"]
+        path = next((where / s for s in spellings if (where / s).is_file()), None)
+        if path is not None:
+            found[needed] = path
+    return found
+
+
+def folder_listing(where: Path, most: int = 12) -> str:
+    """The files in ``where``, in a few words."""
+    if not where.is_dir():
+        return f"no folder {where}"
+    names = sorted(p.name for p in where.iterdir())
+    if not names:
+        return "the folder empty"
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _needed(name: str, files) -> str:
+    if name == "MNIST":
+        return f"the four idx files {', '.join(files)} (each plain or .gz)"
+    return ", ".join(files)
+
+
+def _incomplete(name: str, root: Path, where: Path, files, found: dict, archive: str | None, reason: str) -> str:
+    """The one-line message for a data set not (wholly) on disk that could not be downloaded."""
+    missing = [f for f in files if f not in found]
+    if where.is_dir():
+        state = f"is not complete in {where}"
+        now = f": found {folder_listing(where)}; missing {', '.join(missing)}"
+    else:
+        state, now = f"is not in {where} (no such folder)", ""
+    hint = ""
+    if archive and (root / archive).is_file():  # beside a folder of its own that is incomplete
+        hint = f" ({root / archive} is there too: delete the incomplete folder {where} to have it extracted)"
+    return (f"{name} {state} and could not be downloaded ({reason}){now}{hint}. Put {_needed(name, files)} "
+            f"there (torchvision's layout), or run where torchvision can download it (--data-root chooses the "
+            f"folder, now {root})")
+
+
+def _extract(archive: Path, root: Path, folder: str, name: str) -> None:
+    """Extract ``folder`` from torchvision's ``archive`` into ``root``: into a
+    temporary folder beside it, then renamed into place (a failed or
+    interrupted extraction leaves no partial folder)."""
+    import shutil
+    import tarfile
+    import tempfile
+
+    print(f"extracting {archive} ...", file=sys.stderr, flush=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder}.", suffix=".extracting"))
+    try:
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.name == folder or m.name.startswith(folder + "/")]
+            if not members:
+                raise _Unusable(f"{archive.name} holds no {folder} folder")
+            tar.extractall(tmp, members=members, filter="data")  # no links out, no absolute paths
+        os.replace(tmp / folder, root / folder)
+    except (tarfile.TarError, OSError, EOFError, _Unusable) as e:
+        raise DataNotFoundError(f"{name}: {archive} cannot be extracted ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())}); replace it with a complete copy, or put the "
+                                f"extracted folder {folder} in {root}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_IDX_MAGIC = {2051: 3, 2049: 1}  # idx magic number of uint8 images (3 dimensions) and labels (1)
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """An idx file of unsigned bytes (LeCun's MNIST format: a big-endian
+    magic number 0x0000080D, D the number of dimensions, D big-endian sizes,
+    the data), plain or gzipped, as a uint8 tensor."""
+    import gzip
+    import zlib
+
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise _Unusable(f"{path.name} cannot be read ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if len(raw) < 4:
+        raise _Unusable(f"{path.name} is {len(raw)} bytes long, too short for an idx file")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic not in _IDX_MAGIC:
+        raise _Unusable(f"{path.name} is not an idx file of bytes (it starts with {raw[:4].hex()}, not 00000803 "
+                        "or 00000801)")
+    dims = _IDX_MAGIC[magic]
+    header = 4 + 4 * dims
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)] if len(raw) >= header else []
+    expected = header + math.prod(shape) if shape else None
+    if expected is None or len(raw) != expected:
+        raise _Unusable(f"{path.name} is truncated or damaged ({len(raw)} bytes"
+                        + (f", its header announces {expected}" if expected is not None else "") + ")")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).view(*shape)
+
+
+def _read_mnist_pair(images: Path, labels: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _read_idx(images), _read_idx(labels)
+    if x.dim() != 3 or y.dim() != 1:
+        raise _Unusable(f"{images.name} must hold images and {labels.name} labels (they seem swapped)")
+    if len(x) != len(y):
+        raise _Unusable(f"{images.name} holds {len(x)} images but {labels.name} {len(y)} labels")
+    return x, y.long()
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: a data file can never run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a data batch never holds")
+        return super().find_class(module, name)
+
+
+def _read_cifar(paths: list[Path], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images (N×3×32×32 uint8) and labels of CIFAR python batches: pickled
+    dicts of ``data`` (N×3072 bytes, channel-major) and ``label_key``."""
+    import numpy as np
+
+    images, labels = [], []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                batch = _ArrayUnpickler(f, encoding="latin1").load()
+            data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            target = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError, IndexError,
+                AttributeError) as e:
+            kind = type(e).__name__
+            raise _Unusable(f"{path.name} is not a readable CIFAR batch ({kind}: {' '.join(str(e).split())})"
+                            ) from None
+        if len(data) != len(target):
+            raise _Unusable(f"{path.name} holds {len(data)} images but {len(target)} labels")
+        images.append(torch.from_numpy(data.copy()))
+        labels.append(torch.from_numpy(target.copy()))
+    return torch.cat(images), torch.cat(labels)
 
 
 def balanced_subset(targets: torch.Tensor, per_class: int, seed: int = 0,
@@ -228,6 +401,11 @@ _SCENARIO_KIND = {
 }
 
 
+def stream_length(cfg) -> int:
+    """Experiences of a run's stream (the tuning stream with validation = first_tasks)."""
+    return _stream(cfg)[0]
+
+
 def _stream(cfg) -> tuple[int, int]:
     """(experiences, seed) of the stream: the reported one, or the separate
     tuning stream of validation = "first_tasks" (Chaudhry et al. 2019, A-GEM)."""
@@ -242,7 +420,10 @@ def _train_and_eval(cfg, name: str):
     the test data; with validation, the training subset minus a held-out
     fraction, and that fraction in place of the test data (never read)."""
     validating = cfg.validation != "none"
-    xtr, ytr, xte, yte = load_torchvision(name, cfg.data_root, cfg.download, test=not validating)
+    from .launch import rank_and_world
+
+    xtr, ytr, xte, yte = load_torchvision(name, cfg.data_root, cfg.download, test=not validating,
+                                          announce=cfg.progress and rank_and_world()[0] == 0)
     itr = balanced_subset(ytr, cfg.train_per_class, setting="train_per_class")
     if not validating:
         ite = balanced_subset(yte, cfg.test_per_class, setting="test_per_class")

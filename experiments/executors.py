@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import multiprocessing
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from . import config as C
+from .pool import call_reporting, read_reports, start_worker
 
 EXECUTORS = ("local", "ray")
 INSTALL_RAY = 'pip install -e ".[ray]"'
@@ -88,22 +90,51 @@ class LocalExecutor:
     def place(self, cfg: C.RunConfig, slot: Slot) -> C.RunConfig:
         return cfg
 
-    def map(self, fn: Callable, calls: Sequence[tuple], slot: Slot) -> Iterator[Outcome]:
-        """``fn(*args)`` for every args of ``calls``; each outcome as it comes."""
+    def map(self, fn: Callable, calls: Sequence[tuple], slot: Slot, stop: Callable[[], bool] | None = None,
+            report: Callable[..., None] | None = None) -> Iterator[Outcome]:
+        """``fn(*args)`` for every args of ``calls``; each outcome as it comes.
+
+        ``stop()``, asked after each outcome: once true, no further call starts
+        (the pool's calls not started yet are cancelled; those already running
+        end and are yielded). ``report``: each call gets ``report=send`` and
+        ``send(*message)`` in the call becomes ``report(index, *message)`` here,
+        before the call's outcome (from pool workers through a pipe, read while
+        waiting)."""
+        stop = stop or (lambda: False)
         if self.jobs == 1:
             for i, args in enumerate(calls):
-                yield Outcome(i, fn(*args))
+                if stop():
+                    return
+                extra = {"report": functools.partial(report, i)} if report else {}
+                yield Outcome(i, fn(*args, **extra))
             return
-        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(fn, *args): i for i, args in enumerate(calls)}
-            for future in as_completed(futures):
-                try:
-                    outcome = Outcome(futures[future], future.result())
-                except BrokenProcessPool as e:  # a worker process died: the pool is gone
-                    outcome = Outcome(futures[future], error=e, lost=True)
-                except Exception as e:  # noqa: BLE001 - reported with its call
-                    outcome = Outcome(futures[future], error=e)
-                yield outcome
+        context = multiprocessing.get_context("spawn")
+        queue = context.SimpleQueue() if report else None
+        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=context, initializer=start_worker,
+                                 initargs=(queue, os.getpid())) as pool:
+            futures = {(pool.submit(call_reporting, fn, i, *args) if report else pool.submit(fn, *args)): i
+                       for i, args in enumerate(calls)}
+            pending = set(futures)
+            try:
+                while pending:
+                    done, pending = wait(pending, timeout=0.2 if report else None, return_when=FIRST_COMPLETED)
+                    read_reports(queue, report)
+                    for future in sorted(done, key=futures.get):
+                        if future.cancelled():
+                            continue
+                        try:
+                            outcome = Outcome(futures[future], future.result())
+                        except BrokenProcessPool as e:  # a worker process died: the pool is gone
+                            outcome = Outcome(futures[future], error=e, lost=True)
+                        except Exception as e:  # noqa: BLE001 - reported with its call
+                            outcome = Outcome(futures[future], error=e)
+                        yield outcome
+                    if stop():
+                        pending = {f for f in pending if not f.cancel()}  # the running ones go on
+            finally:
+                for future in pending:
+                    future.cancel()
+            read_reports(queue, report)
 
     def __enter__(self):
         return self
@@ -198,10 +229,14 @@ class RayExecutor:
         return dataclasses.replace(cfg, **changes)
 
     # ---------------------------------------------------------------- calls
-    def map(self, fn: Callable, calls: Sequence[tuple], slot: Slot) -> Iterator[Outcome]:
+    def map(self, fn: Callable, calls: Sequence[tuple], slot: Slot, stop: Callable[[], bool] | None = None,
+            report: Callable[..., None] | None = None) -> Iterator[Outcome]:
         """``fn(*args)`` as a Ray task for every args of ``calls``; each
         outcome as it comes. Tasks still in flight when the caller stops
-        reading are cancelled."""
+        reading are cancelled. Once ``stop()`` is true no further task is
+        submitted (those submitted already run: all of them when ``jobs`` is
+        None). ``report`` is not passed on: on Ray a call reports only its end."""
+        stop = stop or (lambda: False)
         ray = self.ray
         task = ray.remote(fn).options(num_cpus=slot.cpus, num_gpus=slot.gpus, max_retries=1,
                                       retry_exceptions=False)
@@ -209,8 +244,8 @@ class RayExecutor:
         pending: dict[Any, int] = {}
         submitted = 0
         try:
-            while submitted < len(calls) or pending:
-                while submitted < len(calls) and len(pending) < limit:
+            while (submitted < len(calls) and not stop()) or pending:
+                while submitted < len(calls) and len(pending) < limit and not stop():
                     pending[task.remote(*calls[submitted])] = submitted
                     submitted += 1
                 [ref], _ = ray.wait(list(pending), num_returns=1)

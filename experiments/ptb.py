@@ -39,10 +39,13 @@ class Corpus:
         else:
             reason = "downloading is off (--no-download)"
         if missing:
+            from .data import folder_listing
+
             raise DataNotFoundError(
-                f"Penn Treebank is not in {folder} and could not be downloaded ({reason}).\n"
-                f"Put Mikolov's files there: {', '.join(PTB_FILES)} (plain text, one sentence per line, "
-                f"with <unk>); --data-root chooses the folder, now {Path(root).expanduser()}.")
+                f"Penn Treebank is not complete in {folder} and could not be downloaded ({reason}): found "
+                f"{folder_listing(folder)}; missing {', '.join(missing)}. Put Mikolov's files there: "
+                f"{', '.join(PTB_FILES)} (plain text, one sentence per line, with <unk>); --data-root chooses the "
+                f"folder, now {Path(root).expanduser()}")
         self.words: list[str] = []
         self.index: dict[str, int] = {}
         self.train = self._tokenize(folder / "ptb.train.txt", grow=True)
@@ -50,8 +53,18 @@ class Corpus:
         self.test = self._tokenize(folder / "ptb.test.txt", grow=False)
 
     def _tokenize(self, path: Path, grow: bool) -> torch.Tensor:
+        from .data import DataNotFoundError
+
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataNotFoundError(f"Penn Treebank: {path} cannot be read as text ({type(e).__name__}); it must be "
+                                    f"Mikolov's {path.name}, plain text, one sentence per line") from None
+        if not text.split():
+            raise DataNotFoundError(f"Penn Treebank: {path} is empty; it must be Mikolov's {path.name}, plain text, "
+                                    "one sentence per line")
         ids = []
-        for line in path.read_text().splitlines():
+        for line in text.splitlines():
             for word in line.split() + ["<eos>"]:
                 if word not in self.index:
                     if not grow:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,60 @@ METRICS = (("acc", "ACC (%)", 100), ("bwt", "BWT (pp)", 100), ("forgetting", "fo
            ("learning_accuracy", "LA (%)", 100))
 ANCHORS = Path(__file__).parent / "anchors.toml"
 BASELINE = "adam"
+
+# (term, the pattern that shows the report uses it, definition): the report's glossary lists every term
+# its text or figures use
+GLOSSARY = (
+    ("ACC", r"\bACC\b", "average accuracy: the mean over all experiences of the accuracy on each at the end "
+     "of training (%)"),
+    ("BWT", r"\bBWT\b", "backward transfer: the mean over experiences but the last of the final accuracy "
+     "minus the accuracy right after learning that experience (pp; negative when learning later "
+     "experiences hurts earlier ones)"),
+    ("forgetting (FGT)", r"\bforgetting\b", "the mean over experiences but the last of the best accuracy "
+     "reached on it before the end minus its final accuracy (pp; Chaudhry et al. 2018)"),
+    ("LA", r"\bLA\b", "learning accuracy: the mean over experiences of the accuracy on each right after "
+     "learning it (%)"),
+    ("task-IL ACC", r"task-IL", "ACC of the same model evaluated task-incrementally: the task of each test "
+     "sample is given and only its classes' outputs compete"),
+    ("pp", r"\(pp\)|\bpp\b", "percentage points, the unit of a difference of two accuracies in %"),
+    ("n", r"\bn=|\bn\b", "number of seeds (independent runs) a mean is taken over"),
+    ("CI", r"\bCI\b|confidence interval", "95% Student-t confidence interval of a mean paired difference "
+     "over seeds"),
+    ("p, Holm", r"Holm", "paired t-test p-value, adjusted over the arms of a table by Holm's step-down method "
+     "(Holm 1979); a difference survives when the adjusted p < 0.05"),
+    ("arm", r"\barm\b", "one optimizer with one boundary policy and one setting of its hyperparameters, "
+     "run over several seeds; labelled optimizer/policy followed by the settings that differ from the "
+     "defaults"),
+    ("adam_cm, adam_cg, adam_sam, adam_cm_sam", r"adam_c[mg]|adam_sam", "Adam with critical momenta "
+     "(Malviya et al. 2024), Adam with critical gradients (McRae et al. 2022), Adam with sharpness-aware "
+     "minimisation, and Adam+CM with SAM"),
+    ("keep, reset, decay f, shrink f", r"/(keep|reset|decay|shrink)", "what happens to the buffer at each "
+     "boundary between experiences: carried over, emptied, its entries and priorities multiplied by f, "
+     "or its capacity multiplied by f (docs/avalanche.md)"),
+    ("+resetm", r"\+resetm", "Adam's moments m, v and step count set to zero at each boundary"),
+    ("B, m", r"mean\(B\)|‖m‖", "the buffer of stored (critical) momenta and Adam's first moment; exploration "
+     "is ‖mean(B)‖ / ‖m‖"),
+    ("priority", r"priority", "the gradient norm ‖g‖₂ of the step whose momentum is stored, multiplied by the "
+     "decay λ at every later step; the lowest-priority entry is replaced first"),
+    ("θ, ‖·‖₂", r"θ", "the model's parameters and the Euclidean norm; ‖θ_k − θ_{k−1}‖₂ is the distance "
+     "travelled while learning experience k"),
+    ("λmax", r"λmax|Hessian eigenvalue", "the Hessian eigenvalue of largest magnitude of the training loss "
+     "(sharpness), by power iteration on Hessian-vector products"),
+    ("escape ratio", r"escape", "toy landscapes: the share of starts whose run ends in the basin of a "
+     "different minimum at least as low as the one it started in"),
+    ("s", r"\(s = |width s", "toy sharp_wide landscape: the width of the sharp minimum (smaller is sharper)"),
+    ("perplexity", r"perplexity", "exp of the mean cross-entropy per token (lower is better)"),
+)
+
+
+def glossary(text: str) -> list[str]:
+    """The report's glossary: every term of ``GLOSSARY`` that ``text`` uses."""
+    import re
+
+    used = [(term, meaning) for term, pattern, meaning in GLOSSARY if re.search(pattern, text)]
+    if not used:
+        return []
+    return ["## Glossary", ""] + [f"- **{term}**: {meaning}." for term, meaning in used] + [""]
 
 
 def load_runs(folder: str | Path, skipped: list[tuple[Path, str]] | None = None) -> list[dict[str, Any]]:
@@ -320,20 +375,22 @@ def render(folder: str | Path, out: str | Path | None = None, reference: str = B
         if path.is_symlink():
             raise C.ConfigError(f"{path} is a symbolic link; the report would be written elsewhere: delete it or "
                                 "give --out")
+    skipped: list[tuple[Path, str]] = []
+    runs = load_runs(folder, skipped)
+    if not runs:  # nothing to report: nothing written
+        unread = f" ({len(skipped)} could not be read, see the warnings above)" if skipped else ""
+        raise C.ConfigError(f"no finished run under {folder}{unread}: a run is finished when its folder holds "
+                            "metrics.json; no report written")
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for path in (out / "figures").iterdir():
         if path.is_symlink():  # a figure is never written through a link
             path.unlink()
-    skipped: list[tuple[Path, str]] = []
-    runs = load_runs(folder, skipped)
     lines = ["# Report", "",
-             f"{len(runs)} finished run(s) under `{folder}`. ACC: average accuracy over all experiences at the "
-             "end; BWT: backward transfer; forgetting: best earlier accuracy minus the final one, averaged over "
-             "experiences; LA: learning accuracy, the accuracy on each experience right after learning it. "
-             "Accuracies in %, BWT and forgetting in percentage points (pp); mean ± std over seeds; n = number "
-             f"of seeds. Differences to the reference arm `{reference}` are paired by seed, with a 95% "
-             "Student-t confidence interval and a paired t-test p-value, Holm-adjusted over the arms of each "
-             "table.", ""]
+             f"{len(runs)} finished run(s) under `{folder}`. "
+             + ("Accuracies in %, differences of accuracies in percentage points (pp); mean ± std over seeds, "
+                f"n = number of seeds. Differences to the reference arm `{reference}` are paired by seed. "
+                if any(r["metrics"].get("kind", "cl") != "toy" for r in runs) else "")
+             + "Abbreviations are defined in the glossary at the end.", ""]
     if skipped:
         lines += [f"Skipped {len(skipped)} run(s) whose files could not be used:", ""]
         lines += [f"- `{_relative(file, folder)}`: {reason}" for file, reason in skipped] + [""]
@@ -342,8 +399,6 @@ def render(folder: str | Path, out: str | Path | None = None, reference: str = B
         lines += [f"{len(skipped_steps)} run(s) skipped optimizer steps for NaN/Inf gradients:", ""]
         lines += [f"- `{_relative(r['folder'], folder)}`: {r['metrics']['skipped_steps']} step(s)"
                   for r in skipped_steps] + [""]
-    if not runs:
-        lines.append("No finished runs (a run is finished when its folder holds metrics.json).")
     kinds = defaultdict(list)
     for run in runs:
         kinds[run["metrics"].get("kind", "cl")].append(run)
@@ -357,6 +412,7 @@ def render(folder: str | Path, out: str | Path | None = None, reference: str = B
         same = sum(1 for (b, p, s, _) in groups if (b, p, s) == (bench, preset, strategy))
         lines += _section(bench, preset, strategy, by_policy, out, suffix=f"-{index}" if same > 1 else "",
                           reference=reference)
+    lines += glossary("\n".join(lines))
     report = out / "report.md"
     write_text(report, "\n".join(lines) + "\n")
     return report
@@ -514,108 +570,266 @@ def _verdict(policy: str, mean: float, half: float, n: int, p_holm: float = math
 
 
 # ------------------------------------------------------------------- figures
+TICK_SIZE = 9  # points; tick labels stay readable once a wide figure is scaled to a page
+MARKERS = "osD^vP*XhpH<>d"
+TASK_LEGEND_MAX = 10  # up to this many tasks each gets a legend entry; more share a colour bar
+
+BUFFER_STATS = {  # statistic: (panel title, y-axis label); definitions in cl_cm.AdamCM.buffer_stats
+    "size": ("buffer size", "stored entries"),
+    "capacity": ("buffer capacity", "slots"),
+    "mean_priority": ("mean priority of stored entries", "priority (decayed ‖g‖₂)"),
+    "replacement_rate": ("replacement rate", "share of full-buffer steps"),
+    "exploration": ("exploration ‖mean(B)‖ / ‖m‖", "ratio"),
+    "cosine_similarity": ("cosine of stored entries", "mean pairwise cosine"),
+}
+
+
+BUFFER_MEANING = {
+    "size": "size, the number of stored momenta",
+    "capacity": "capacity, the number of slots",
+    "mean_priority": "mean priority, the decayed gradient norm ‖g‖₂ of the stored steps",
+    "replacement_rate": "replacement rate, the share of steps with a full buffer whose momentum replaced a "
+                        "stored one",
+    "exploration": "exploration ‖mean(B)‖/‖m‖, the buffer term's size relative to Adam's momentum",
+    "cosine_similarity": "the mean pairwise cosine of the stored entries (gradient cancellation: low means "
+                         "they cancel)",
+}
+
+
 def _wrap(label: str) -> str:
     """Row labels on figures: one setting per line."""
     return label.replace(" ", "\n")
 
 
+def _theme() -> None:
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook",
+                  rc={"xtick.labelsize": TICK_SIZE, "ytick.labelsize": TICK_SIZE, "axes.labelsize": 10,
+                      "axes.titlesize": 10, "legend.fontsize": TICK_SIZE, "legend.title_fontsize": 10,
+                      "figure.titlesize": 11, "figure.labelsize": 10})
+
+
+def arm_styles(labels) -> dict[str, dict[str, Any]]:
+    """A colour and a marker per arm, the same in every figure of a section:
+    distinct colours (tab10 up to 10 arms, tab20 up to 20, evenly spaced hues
+    beyond) and markers that differ between neighbouring arms."""
+    import seaborn as sns
+
+    labels = list(labels)
+    n = len(labels)
+    colors = sns.color_palette("tab10" if n <= 10 else "tab20" if n <= 20 else "husl", n)
+    return {lab: {"color": tuple(colors[i]), "marker": MARKERS[i % len(MARKERS)]} for i, lab in enumerate(labels)}
+
+
+def _finite(values) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def _is_constant(values) -> bool:
+    """True when there are several finite values and all are the same (a plot
+    of them shows one level)."""
+    values = _finite(values)
+    return len(values) > 1 and max(values) - min(values) <= 1e-12 * max(1.0, abs(values[0]))
+
+
+def _arm_legend(fig, styles, labels, title="arm", line=False) -> None:
+    """One legend for the whole figure, outside on the right, one entry per arm."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=styles[lab]["color"], marker=styles[lab]["marker"], markersize=6,
+                      linestyle="-" if line else "none", markeredgecolor="black", markeredgewidth=0.4)
+               for lab in labels]
+    fig.legend(handles, list(labels), title=title, loc="outside right upper", frameon=False)
+
+
+def _caption(text: str) -> str:
+    return f"*{text}*"
+
+
 def _figures(slug: str, by_policy, policies, out: Path) -> list[str]:
+    """The section's figures, each followed in the markdown by a caption."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
 
-    sns.set_theme(style="whitegrid", context="notebook")
-    palette = dict(zip(policies, sns.color_palette("tab10", len(policies))))
-    files = []
+    _theme()
+    styles = arm_styles(policies)
+    lines: list[str] = []
 
-    def save(fig, name):
-        from matplotlib.ticker import MaxNLocator
-
-        for ax in fig.axes if name in ("task-curves", "buffer-stats") else ():
-            if "experience" in ax.get_xlabel():
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if not hasattr(fig, "_suptitle") or fig._suptitle is None or name == "accuracy-matrix":
-            fig.tight_layout()
+    def save(fig, name, caption):
         path = out / "figures" / f"{slug}-{name}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
-        files.append((name, path.relative_to(out)))
+        lines.extend([f"![{name}]({path.relative_to(out)})", "", _caption(caption), ""])
 
-    # accuracy matrices
     n = len(policies)
+    mats = {p: np.array([r["metrics"]["accuracy_matrix"] for r in by_policy[p]], dtype=float) * 100
+            for p in policies}
+    t = next(iter(mats.values())).shape[1]
+    step = 1 if t <= 10 else math.ceil(t / 10)
+    ticks = list(range(0, t, step))
+
+    # accuracy matrices, one shared colour bar
     cols = min(n, 3)
     rows_ = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(3.6 * cols + 0.8, 3.5 * rows_), squeeze=False)
+    fig, axes = plt.subplots(rows_, cols, figsize=(3.2 * cols + 1.4, 3.1 * rows_ + 0.8), squeeze=False,
+                             layout="constrained", sharex=True, sharey=True)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     for ax, policy in zip(axes.flat, policies):
-        mats = np.array([r["metrics"]["accuracy_matrix"] for r in by_policy[policy]]) * 100
-        t = mats.shape[1]
-        sns.heatmap(mats.mean(0), ax=ax, vmin=0, vmax=100, cmap="viridis", annot=t <= 10, fmt=".0f",
-                    annot_kws={"size": 6}, cbar=False, square=True)
-        ax.set_title(f"{_wrap(policy)} (n={len(mats)})", fontsize=8)
-        ax.set_xlabel("evaluated experience")
-        ax.set_ylabel("after training experience")
-    fig.suptitle("Accuracy matrix (%), mean over seeds", fontsize=10)
-    save(fig, "accuracy-matrix")
+        mean = mats[policy].mean(0)
+        image = ax.imshow(mean, vmin=0, vmax=100, cmap="viridis", aspect="equal")
+        ax.grid(False)
+        if t <= 10:
+            for i in range(t):
+                for j in range(t):
+                    ax.text(j, i, f"{mean[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                            color="black" if mean[i, j] > 60 else "white")
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
+        ax.set_title(f"{_wrap(policy)} (n={len(mats[policy])})", fontsize=9)
+    fig.colorbar(image, ax=[ax for ax in axes.flat[:n]], label="accuracy (%)",
+                 shrink=min(0.8, 3 / rows_ + 0.2))
+    fig.supxlabel("experience evaluated")
+    fig.supylabel("after training on experience")
+    fig.suptitle("Accuracy matrix (%), mean over n seeds")
+    save(fig, "accuracy-matrix", "Accuracy matrix: row k, column i is the accuracy (%) on experience i after "
+         "training on experience k (experiences numbered from 0), mean over the n seeds of each arm; "
+         "the lower triangle and diagonal are what ACC, BWT, forgetting and LA are computed from.")
 
     # per-task accuracy curves
-    rows = []
-    for policy in policies:
-        for r in by_policy[policy]:
-            mat = r["metrics"]["accuracy_matrix"]
-            for k, row in enumerate(mat):
-                for i, v in enumerate(row[: k + 1]):
-                    rows.append({"policy": policy, "after experience": k, "task": i, "accuracy (%)": 100 * v})
-    df = pd.DataFrame(rows)
-    df["policy"] = df["policy"].map(_wrap)
-    grid = sns.relplot(data=df, x="after experience", y="accuracy (%)", hue="task", col="policy",
-                       col_order=[_wrap(p) for p in policies], col_wrap=min(n, 3), kind="line", errorbar="sd",
-                       palette="crest", height=2.8, aspect=1.2, facet_kws={"sharey": True})
-    grid.set_titles("{col_name}", size=8)
-    grid.figure.suptitle("Accuracy on each task across training (mean ± sd over seeds)", y=1.03, fontsize=10)
-    save(grid.figure, "task-curves")
+    fig, axes = plt.subplots(rows_, cols, figsize=(3.4 * cols + 1.6, 2.7 * rows_ + 0.8), squeeze=False,
+                             layout="constrained", sharex=True, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    if t <= TASK_LEGEND_MAX:
+        import seaborn as sns
+
+        task_colors = [tuple(c) for c in sns.color_palette("tab10", t)]
+    else:
+        cmap = matplotlib.colormaps["viridis"]
+        task_colors = [cmap(i / (t - 1)) for i in range(t)]
+    for ax, policy in zip(axes.flat, policies):
+        m = mats[policy]
+        for i in range(t):
+            ks = np.arange(i, t)
+            mean, sd = m[:, i:, i].mean(0), m[:, i:, i].std(0, ddof=1) if len(m) > 1 else None
+            ax.plot(ks, mean, color=task_colors[i], marker="o", markersize=3 if t > 10 else 4, lw=1.3,
+                    label=f"task {i}")
+            if sd is not None:
+                ax.fill_between(ks, mean - sd, mean + sd, color=task_colors[i], alpha=0.12, lw=0)
+        ax.set_xticks(ticks)
+        ax.set_title(f"{_wrap(policy)} (n={len(m)})", fontsize=9)
+    if t <= TASK_LEGEND_MAX:
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, title="task", loc="outside right upper", frameon=False)
+    else:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        from matplotlib.ticker import MaxNLocator
+
+        bar = fig.colorbar(ScalarMappable(Normalize(0, t - 1), cmap), ax=[ax for ax in axes.flat[:n]],
+                           shrink=min(0.8, 3 / rows_ + 0.2), ticks=MaxNLocator(integer=True))
+        bar.set_label("task (the experience it is learned in)")
+    fig.supxlabel("after training on experience")
+    fig.supylabel("accuracy (%)")
+    fig.suptitle("Accuracy on each task across training (mean ± sd over seeds)")
+    save(fig, "task-curves", "Accuracy (%) on each task from the experience it is learned in to the end of "
+         "training, one curve per task, mean (line) ± sd (band) over the n seeds of each arm.")
 
     # forgetting bars and ACC-forgetting scatter
-    summary = pd.DataFrame([{"policy": p, "seed": r["metrics"]["seed"], "ACC (%)": 100 * r["metrics"]["acc"],
-                             "forgetting (pp)": 100 * (r["metrics"]["forgetting"] or 0.0)}
-                            for p in policies for r in by_policy[p]])
-    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 3.2))
-    sns.barplot(data=summary, x="policy", y="forgetting (pp)", order=policies, errorbar="sd", capsize=0.2,
-                palette=palette, hue="policy", legend=False, ax=ax)
-    ax.set_xlabel("")
-    ax.set_xticks(range(n), [_wrap(p) for p in policies], rotation=0, fontsize=7)
-    ax.set_title("Forgetting (mean ± sd over seeds)", fontsize=10)
-    save(fig, "forgetting")
+    summary = {p: [(100 * r["metrics"]["acc"], 100 * (r["metrics"]["forgetting"] or 0.0)) for r in by_policy[p]]
+               for p in policies}
+    forgetting = [f for p in policies for _, f in summary[p]]
+    if _is_constant(forgetting):
+        lines += [f"Forgetting is {forgetting[0]:.2f} pp in every run; no forgetting figure.", ""]
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 0.36 * n + 1.4), layout="constrained")
+        for y, policy in enumerate(policies):
+            values = [f for _, f in summary[policy]]
+            ax.barh(y, np.mean(values), xerr=np.std(values, ddof=1) if len(values) > 1 else None,
+                    color=styles[policy]["color"], capsize=3, height=0.7)
+            ax.scatter(values, [y] * len(values), color="black", s=8, zorder=3)
+        ax.set_yticks(range(n), policies)
+        ax.set_ylabel("arm")
+        ax.invert_yaxis()
+        ax.set_xlabel("forgetting (pp)")
+        ax.set_title("Forgetting per arm (bar: mean ± sd over seeds, dots: seeds)")
+        save(fig, "forgetting", "Forgetting (pp): for each experience, the best accuracy it had before the "
+             "last one minus its final accuracy, averaged over all experiences but the last.")
 
-    fig, ax = plt.subplots(figsize=(4.8, 3.6))
-    sns.scatterplot(data=summary, x="forgetting (pp)", y="ACC (%)", hue="policy", hue_order=policies,
-                    palette=palette, alpha=0.5, ax=ax)
-    means = summary.groupby("policy")[["forgetting (pp)", "ACC (%)"]].mean()
-    for policy, row in means.iterrows():
-        ax.scatter(row["forgetting (pp)"], row["ACC (%)"], color=palette[policy], marker="X", s=120,
-                   edgecolor="black", linewidth=0.6)
-    ax.set_title("ACC against forgetting (dots: seeds, crosses: means)", fontsize=10)
-    ax.legend(fontsize=7, loc="best")
-    save(fig, "acc-vs-forgetting")
+    fig, ax = plt.subplots(figsize=(5.0 + (2.6 if n > 1 else 0), 3.8), layout="constrained")
+    for policy in policies:
+        acc, fgt = zip(*summary[policy])
+        st = styles[policy]
+        ax.scatter(fgt, acc, color=st["color"], marker=st["marker"], s=22, alpha=0.45, lw=0)
+        ax.scatter(np.mean(fgt), np.mean(acc), color=st["color"], marker=st["marker"], s=110,
+                   edgecolor="black", linewidth=0.7, zorder=3)
+    ax.set_xlabel("forgetting (pp)")
+    ax.set_ylabel("ACC (%)")
+    ax.set_title("ACC against forgetting")
+    _arm_legend(fig, styles, policies)
+    save(fig, "acc-vs-forgetting", "Final average accuracy ACC (%) against forgetting (pp): small faint "
+         "markers are seeds, large outlined markers the arm's mean.")
 
     # buffer statistics across experiences
-    rows = []
+    per_stat: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for policy in policies:
         for r in by_policy[policy]:
             for key, values in r["metrics"].get("buffer_stats", {}).get("per_experience", {}).items():
-                for k, v in enumerate(values):
-                    if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                        rows.append({"policy": policy, "statistic": key, "experience": k, "value": v})
-    if rows:
-        grid = sns.relplot(data=pd.DataFrame(rows), x="experience", y="value", hue="policy", col="statistic",
-                           col_wrap=3, kind="line", errorbar="sd", palette=palette, height=2.6, aspect=1.2,
-                           facet_kws={"sharey": False}, marker="o")
-        grid.figure.suptitle("Buffer statistics at the end of each experience", y=1.03, fontsize=10)
-        save(grid.figure, "buffer-stats")
+                per_stat[key][policy].append([np.nan if v is None else float(v) for v in values])
+    notes, drawn = [], []
+    for key in sorted(per_stat, key=lambda k: (list(BUFFER_STATS).index(k) if k in BUFFER_STATS else 99, k)):
+        values = [v for series in per_stat[key].values() for s in series for v in s]
+        if not _finite(values):
+            continue
+        if key == "capacity" and "size" in per_stat and all(
+                np.array_equal(np.array(per_stat["size"].get(p), dtype=float), np.array(s, dtype=float),
+                               equal_nan=True) for p, s in per_stat["capacity"].items()):
+            notes.append("capacity equals size in every run (the buffer is always full)")
+        elif _is_constant(values):
+            notes.append(f"{key} is {_finite(values)[0]:g} in every run")
+        else:
+            drawn.append(key)
+    if drawn:
+        arms = [p for p in policies if any(p in per_stat[k] for k in drawn)]
+        cols_ = 2 if len(drawn) == 4 else min(len(drawn), 3)
+        fig, axes = plt.subplots(math.ceil(len(drawn) / cols_), cols_, squeeze=False, layout="constrained",
+                                 figsize=(3.6 * cols_ + (2.6 if arms else 0), 2.9 * math.ceil(len(drawn) / cols_)
+                                          + 0.6), sharex=True)
+        for ax in axes.flat[len(drawn):]:
+            ax.set_visible(False)
+        for ax, key in zip(axes.flat, drawn):
+            for policy in arms:
+                series = per_stat[key].get(policy)
+                if not series:
+                    continue
+                arr = np.array([s + [np.nan] * (t - len(s)) for s in series], dtype=float)[:, :t]
+                with warnings.catch_warnings():  # an experience without a value in any seed
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean = np.nanmean(arr, 0)
+                    sd = np.nanstd(arr, 0, ddof=1) if len(arr) > 1 else None
+                ks = np.arange(arr.shape[1])
+                st = styles[policy]
+                ax.plot(ks, mean, color=st["color"], marker=st["marker"], markersize=4, lw=1.3)
+                if sd is not None:
+                    ax.fill_between(ks, mean - sd, mean + sd, color=st["color"], alpha=0.12, lw=0)
+            title, ylabel = BUFFER_STATS.get(key, (key, "value"))
+            ax.set_title(title)
+            ax.set_ylabel(ylabel)
+            ax.set_xticks(ticks)
+        fig.supxlabel("experience (value at its end)")
+        fig.suptitle("Buffer statistics at the end of each experience (mean ± sd over seeds)")
+        _arm_legend(fig, styles, arms, line=True)
+        save(fig, "buffer-stats", "Buffer statistics of the arms with a buffer, at the end of each experience "
+             "(a gap: undefined there, e.g. an empty buffer): " + "; ".join(BUFFER_MEANING[k] for k in drawn if k in
+                                                                       BUFFER_MEANING) + "."
+             + (" Not drawn: " + "; ".join(notes) + "." if notes else ""))
+    elif notes:
+        lines += ["Buffer statistics: " + "; ".join(notes) + " (no figure).", ""]
 
     # distance travelled against forgetting (Mirzadeh et al. 2020)
     rows = []
@@ -625,19 +839,27 @@ def _figures(slug: str, by_policy, policies, out: Path) -> list[str]:
             per_exp, init = m.get("distance_per_experience"), m.get("distance_from_init")
             if not per_exp or any(v is None for v in per_exp) or not init or init[-1] is None:
                 continue
-            rows.append({"policy": policy, "forgetting (pp)": 100 * (m["forgetting"] or 0.0),
-                         "mean distance per experience": float(np.mean(per_exp)),
-                         "distance from initialisation at the end": init[-1]})
+            rows.append((policy, 100 * (m["forgetting"] or 0.0), float(np.mean(per_exp)), float(init[-1])))
     if rows:
-        df = pd.DataFrame(rows)
-        fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8), sharey=True)
-        for ax, x in zip(axes, ("mean distance per experience", "distance from initialisation at the end")):
-            sns.scatterplot(data=df, x=x, y="forgetting (pp)", hue="policy", hue_order=policies, palette=palette,
-                            ax=ax, legend=ax is axes[-1])
-            ax.set_xlabel(x + " (‖Δθ‖₂)")
-        axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-        fig.suptitle("Distance travelled in parameter space against forgetting (dots: seeds)", fontsize=10)
-        save(fig, "distance-vs-forgetting")
+        arms = [p for p in policies if any(r[0] == p for r in rows)]
+        fig, axes = plt.subplots(1, 2, figsize=(9.0 + 2.6, 3.8), sharey=True, layout="constrained")
+        for ax, column, xlabel in zip(axes, (2, 3), ("mean ‖θ_k − θ_{k−1}‖₂ over experiences k",
+                                                      "‖θ_end − θ_0‖₂ (distance from initialisation)")):
+            for policy in arms:
+                xs = [r[column] for r in rows if r[0] == policy]
+                ys = [r[1] for r in rows if r[0] == policy]
+                st = styles[policy]
+                ax.scatter(xs, ys, color=st["color"], marker=st["marker"], s=22, alpha=0.45, lw=0)
+                ax.scatter(np.mean(xs), np.mean(ys), color=st["color"], marker=st["marker"], s=110,
+                           edgecolor="black", linewidth=0.7, zorder=3)
+            ax.set_xlabel(xlabel)
+        axes[0].set_ylabel("forgetting (pp)")
+        fig.suptitle("Distance travelled in parameter space against forgetting")
+        _arm_legend(fig, styles, arms)
+        save(fig, "distance-vs-forgetting", "Forgetting (pp) against the Euclidean distance the parameters θ "
+             "travel (Mirzadeh et al. 2020): left, the distance moved while learning each experience, averaged "
+             "over experiences; right, the distance from the initial parameters at the end. Small faint "
+             "markers are seeds, large outlined markers the arm's mean.")
 
     # sharpness against forgetting
     rows = []
@@ -646,19 +868,26 @@ def _figures(slug: str, by_policy, policies, out: Path) -> list[str]:
             mat, sharp = r["metrics"]["accuracy_matrix"], r["metrics"].get("sharpness_matrix")
             if not sharp:
                 continue
-            t = len(mat)
             for i in range(t - 1):
-                rows.append({"policy": policy, "task": i, "sharpness after learning it": sharp[i][i],
-                             "forgetting (pp)": 100 * (max(mat[k][i] for k in range(i, t - 1)) - mat[t - 1][i])})
+                if sharp[i][i] is not None:
+                    rows.append((policy, sharp[i][i], 100 * (max(mat[k][i] for k in range(i, t - 1)) - mat[t - 1][i])))
     if rows:
-        fig, ax = plt.subplots(figsize=(4.8, 3.6))
-        sns.scatterplot(data=pd.DataFrame(rows), x="sharpness after learning it", y="forgetting (pp)",
-                        hue="policy", hue_order=policies, palette=palette, ax=ax)
-        ax.set_xscale("log")
-        ax.set_title("Top Hessian eigenvalue of each task's solution\nagainst its forgetting", fontsize=10)
-        save(fig, "sharpness-vs-forgetting")
-
-    return [f"![{name}]({path})" for name, path in files] + [""]
+        arms = [p for p in policies if any(r[0] == p for r in rows)]
+        fig, ax = plt.subplots(figsize=(5.0 + 2.6, 3.8), layout="constrained")
+        for policy in arms:
+            st = styles[policy]
+            ax.scatter([r[1] for r in rows if r[0] == policy], [r[2] for r in rows if r[0] == policy],
+                       color=st["color"], marker=st["marker"], s=30, alpha=0.7, lw=0)
+        log = all(r[1] > 0 for r in rows)
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel("λmax after learning the task" + (" (log scale)" if log else ""))
+        ax.set_ylabel("forgetting of that task (pp)")
+        ax.set_title("Sharpness of each task's solution against its forgetting")
+        _arm_legend(fig, styles, arms)
+        save(fig, "sharpness-vs-forgetting", "Each marker is one task of one seed: λmax, the top eigenvalue of "
+             "the loss Hessian on that task right after learning it, against that task's forgetting (pp).")
+    return lines
 
 
 # ----------------------------------------------------------- supervised runs
@@ -725,53 +954,89 @@ def _supervised_figures(slug, by_label, labels, lm: bool, out: Path) -> list[str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
 
-    sns.set_theme(style="whitegrid", context="notebook")
-    palette = dict(zip(labels, sns.color_palette("tab10", len(labels))))
-    files = []
+    _theme()
+    styles = arm_styles(labels)
+    lines: list[str] = []
 
-    def save(fig, name, tight=True):
-        if tight:
-            fig.tight_layout()
+    def save(fig, name, caption):
         path = out / "figures" / f"{slug}-{name}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
-        files.append((name, path.relative_to(out)))
+        lines.extend([f"![{name}]({path.relative_to(out)})", "", _caption(caption), ""])
+
+    def curve(ax, label, points):
+        """Mean ± sd over seeds of (x, y) points, one line for an optimizer."""
+        by_x = defaultdict(list)
+        for x, y in points:
+            by_x[x].append(y)
+        xs = sorted(by_x)
+        mean = np.array([np.mean(by_x[x]) for x in xs])
+        st = styles[label]
+        ax.plot(xs, mean, color=st["color"], marker=st["marker"], markersize=4, lw=1.3)
+        if any(len(by_x[x]) > 1 for x in xs):
+            sd = np.array([np.std(by_x[x], ddof=1) if len(by_x[x]) > 1 else 0.0 for x in xs])
+            ax.fill_between(xs, mean - sd, mean + sd, color=st["color"], alpha=0.15, lw=0)
 
     metric = "valid_ppl" if lm else "test_accuracy"
     ylabel = "validation perplexity" if lm else "test accuracy (%)"
-    rows = [{"optimizer": lab, "epoch": h["epoch"], ylabel: h[metric] * (1 if lm else 100)}
-            for lab in labels for r in by_label[lab] for h in r["metrics"]["history"]]
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    sns.lineplot(data=pd.DataFrame(rows), x="epoch", y=ylabel, hue="optimizer", hue_order=labels,
-                 palette=palette, errorbar="sd", marker="o", ax=ax)
-    ax.set_title(f"{ylabel} during training (mean ± sd over seeds)", fontsize=10)
-    save(fig, "curves")
+    fig, ax = plt.subplots(figsize=(5.2 + 1.8, 3.6), layout="constrained")
+    for lab in labels:
+        curve(ax, lab, [(h["epoch"], h[metric] * (1 if lm else 100)) for r in by_label[lab]
+                        for h in r["metrics"]["history"]])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel[0].upper() + ylabel[1:]} during training")
+    _arm_legend(fig, styles, labels, title="optimizer", line=True)
+    save(fig, "curves", f"{ylabel[0].upper() + ylabel[1:]} after each epoch, mean (line) ± sd (band) over seeds.")
     if not lm:
-        rows = [{"optimizer": lab, "top Hessian eigenvalue": r["metrics"]["top_hessian_eigenvalue"]}
-                for lab in labels for r in by_label[lab] if r["metrics"].get("top_hessian_eigenvalue") is not None]
-        if rows:
-            fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 2.5, 3.4))
-            sns.barplot(data=pd.DataFrame(rows), x="optimizer", y="top Hessian eigenvalue", order=labels,
-                        hue="optimizer", palette=palette, legend=False, errorbar="sd", capsize=0.2, ax=ax)
-            ax.set_xlabel("")
-            ax.set_xticks(range(len(labels)), [_wrap(lab) for lab in labels], fontsize=7)
-            ax.set_title("Sharpness at the end of training (mean ± sd)", fontsize=10)
-            save(fig, "sharpness")
-    rows = [{"optimizer": lab, "iteration": p["iteration"], "statistic": stat, "value": p[stat]}
-            for lab in labels for r in by_label[lab] for p in r["metrics"].get("buffer_series", [])
-            for stat in ("cosine_similarity", "exploration") if p.get(stat) is not None]
-    if rows:
-        grid = sns.relplot(data=pd.DataFrame(rows), x="iteration", y="value", hue="optimizer", col="statistic",
-                           kind="line", errorbar="sd", palette=palette, height=3, aspect=1.3,
-                           facet_kws={"sharey": False})
-        grid.set_titles("{col_name}")
-        grid.figure.suptitle("Gradient cancellation: pairwise cosine of stored entries, and "
-                             "‖mean(B)‖/‖m‖", y=1.04, fontsize=10)
-        save(grid.figure, "buffer", tight=False)
-    return [f"![{name}]({path})" for name, path in files] + [""]
+        values = {lab: [r["metrics"]["top_hessian_eigenvalue"] for r in by_label[lab]
+                        if r["metrics"].get("top_hessian_eigenvalue") is not None] for lab in labels}
+        shown = [lab for lab in labels if values[lab]]
+        if shown:
+            fig, ax = plt.subplots(figsize=(6.0, 0.4 * len(shown) + 1.4), layout="constrained")
+            for y, lab in enumerate(shown):
+                ax.barh(y, np.mean(values[lab]), xerr=np.std(values[lab], ddof=1) if len(values[lab]) > 1 else None,
+                        color=styles[lab]["color"], capsize=3, height=0.7)
+                ax.scatter(values[lab], [y] * len(values[lab]), color="black", s=8, zorder=3)
+            ax.set_yticks(range(len(shown)), shown)
+            ax.set_ylabel("optimizer")
+            ax.invert_yaxis()
+            ax.set_xlabel("λmax at the end of training")
+            ax.set_title("Sharpness at the end of training (bar: mean ± sd, dots: seeds)")
+            save(fig, "sharpness", "λmax, the top Hessian eigenvalue of the training loss at the end of training, "
+                 "per optimizer.")
+    stats = {"cosine_similarity": ("cosine of stored entries", "mean pairwise cosine"),
+             "exploration": ("exploration ‖mean(B)‖ / ‖m‖", "ratio")}
+    series = {stat: {lab: [(p["iteration"], p[stat]) for r in by_label[lab]
+                           for p in (r["metrics"].get("buffer_series") or []) if p.get(stat) is not None]
+                     for lab in labels} for stat in stats}
+    drawn = [stat for stat in stats if any(series[stat].values())]
+    notes = []
+    for stat in list(drawn):
+        if _is_constant([y for points in series[stat].values() for _, y in points]):
+            notes.append(f"{stats[stat][0]} is {_finite(y for pts in series[stat].values() for _, y in pts)[0]:g} "
+                         "throughout")
+            drawn.remove(stat)
+    if drawn:
+        arms = [lab for lab in labels if any(series[stat][lab] for stat in drawn)]
+        fig, axes = plt.subplots(1, len(drawn), figsize=(4.2 * len(drawn) + 1.8, 3.4), squeeze=False,
+                                 layout="constrained")
+        for ax, stat in zip(axes[0], drawn):
+            for lab in arms:
+                if series[stat][lab]:
+                    curve(ax, lab, series[stat][lab])
+            ax.set_title(stats[stat][0])
+            ax.set_ylabel(stats[stat][1])
+            ax.set_xlabel("training step")
+        fig.suptitle("Gradient cancellation in the buffer during training")
+        _arm_legend(fig, styles, arms, title="optimizer", line=True)
+        save(fig, "buffer", "Mean pairwise cosine of the stored entries (low: they cancel) and exploration "
+             "‖mean(B)‖/‖m‖ against the training step, mean ± sd over seeds."
+             + (" Not drawn: " + "; ".join(notes) + "." if notes else ""))
+    elif notes:
+        lines += ["Buffer statistics: " + "; ".join(notes) + " (no figure).", ""]
+    return lines
 
 
 # ------------------------------------------------------------------ toy runs
@@ -780,13 +1045,6 @@ def _toy_figure(landscape: str, sharpness) -> str:
 
 
 def _toy_sections(runs, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
-
     from .toy import plot_toy
 
     lines = ["## Toy landscapes", "",
@@ -817,14 +1075,55 @@ def _toy_sections(runs, out: Path) -> list[str]:
     for (landscape, sharpness), rs in sorted(by_case.items(), key=str):
         name = _toy_figure(landscape, sharpness)
         lines.append(f"![{name}](figures/{name})")
+    lines.append("")
+    lines.append(_caption("Trajectories of one seed on each landscape (grey levels: the loss, darker is lower): "
+                          "a white dot marks each start, a cross its end point; the panel title gives the escape "
+                          "ratio over all starts of that seed."))
+    lines.append("")
     if len({r["sharpness s"] for r in sweep_rows}) > 1:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        sns.lineplot(data=pd.DataFrame(sweep_rows), x="sharpness s", y="escape ratio (%)", hue="optimizer",
-                     errorbar="sd", marker="o", palette="tab10", ax=ax)
-        ax.set_xlabel("width s of the sharp minimum (smaller: sharper)")
-        ax.set_title("sharp_wide: escape ratio against sharpness", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(out / "figures" / "toy-escape-vs-sharpness.png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        lines.append("![escape-vs-sharpness](figures/toy-escape-vs-sharpness.png)")
+        lines += _escape_figure(sweep_rows, out)
     return lines + [""]
+
+
+def _escape_figure(sweep_rows, out: Path) -> list[str]:
+    """sharp_wide: escape ratio against the width of the sharp minimum, one
+    line per optimizer; optimizers with the same curve are drawn side by side
+    (a small horizontal offset) and named in the caption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _theme()
+    names = list(dict.fromkeys(r["optimizer"] for r in sweep_rows))
+    styles = arm_styles(names)
+    widths = sorted({r["sharpness s"] for r in sweep_rows})
+    curves = {}
+    for name in names:
+        per_s = [[r["escape ratio (%)"] for r in sweep_rows if r["optimizer"] == name and r["sharpness s"] == s]
+                 for s in widths]
+        curves[name] = ([float(np.mean(v)) for v in per_s],
+                        [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in per_s])
+    dodge = 0.012 * (widths[-1] - widths[0])
+    fig, ax = plt.subplots(figsize=(5.2 + 1.8, 3.6), layout="constrained")
+    for i, name in enumerate(names):
+        mean, sd = curves[name]
+        xs = np.array(widths) + (i - (len(names) - 1) / 2) * dodge
+        ax.errorbar(xs, mean, yerr=sd, color=styles[name]["color"], marker=styles[name]["marker"], markersize=6,
+                    markeredgecolor="black", markeredgewidth=0.4, capsize=2, lw=1.3, label=name)
+    ax.set_xlabel("width s of the sharp minimum (smaller: sharper)")
+    ax.set_ylabel("escape ratio (%)")
+    ax.set_title("sharp_wide: escape ratio against sharpness")
+    fig.legend(title="optimizer", loc="outside right upper", frameon=False)
+    path = out / "figures" / "toy-escape-vs-sharpness.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    same = defaultdict(list)
+    for name in names:
+        same[tuple(curves[name][0])].append(name)
+    overlap = [group for group in same.values() if len(group) > 1]
+    caption = ("Escape ratio (%) on the sharp_wide landscape against the width s of its sharp minimum, mean ± sd "
+               "over seeds; markers of different optimizers at the same s are offset slightly sideways.")
+    for group in overlap:
+        caption += f" {', '.join(group)} have the same escape ratio at every s."
+    return ["![escape-vs-sharpness](figures/toy-escape-vs-sharpness.png)", "", _caption(caption), ""]

@@ -85,6 +85,9 @@ def managed_run(out: str | Path, settings: dict[str, Any], runtime_keys, protoco
         dist.barrier()  # rank 0 has written metrics.json
         return metrics, True
     made = _missing_ancestors(out)  # the folders this run makes, removed again when it is refused
+    if (out / "metrics.json").exists() and not (out / "config.json").exists():
+        raise ConfigError(f"{out} holds results without the config.json that says which settings made them; "
+                          "choose another --out or delete that folder")
     try:
         with run_lock(out):
             check_no_links(out)

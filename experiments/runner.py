@@ -50,6 +50,9 @@ class ContinualRun(RunKind):
 
     runtime_keys = C.RUNTIME_FIELDS
 
+    def __init__(self, on_experience=None):
+        self.on_experience = on_experience  # called with (experiences done, total) as they are checkpointed
+
     def resolve(self, cfg):
         return C.resolve(cfg)
 
@@ -68,19 +71,21 @@ class ContinualRun(RunKind):
         secret_key()  # the checkpoint key, made or read before anything is written
 
     def train(self, cfg, out: Path, quiet: bool) -> dict[str, Any]:
-        return _train(cfg, out, quiet)
+        return _train(cfg, out, quiet, self.on_experience)
 
     def summary(self, metrics: dict[str, Any], cfg) -> str:
         return render_summary(metrics, cfg)
 
 
-def run(cfg: C.RunConfig, *, quiet: bool = False) -> dict[str, Any]:
+def run(cfg: C.RunConfig, *, quiet: bool = False, on_experience=None) -> dict[str, Any]:
     """Run (or resume, or just read) the run described by ``cfg`` in
-    ``cfg.out``; return its metrics. Safe to call again after a crash."""
-    return execute(ContinualRun(), cfg, quiet=quiet)
+    ``cfg.out``; return its metrics. Safe to call again after a crash.
+    ``on_experience(done, total)`` is called after each experience is
+    checkpointed (and once on resuming, with the experiences done before)."""
+    return execute(ContinualRun(on_experience), cfg, quiet=quiet)
 
 
-def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
+def _train(cfg: C.RunConfig, out: Path, quiet: bool, on_experience=None) -> dict[str, Any]:
     from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training.determinism.rng_manager import RNGManager
@@ -131,6 +136,8 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
                                                                    "train_seconds": [], "sharpness": []}
         progress.setdefault("skipped_steps", [])
         scenario = bench.scenario
+        if start and on_experience:
+            on_experience(start, bench.n_experiences)
         for k in range(start, bench.n_experiences):
             t0 = time.perf_counter()
             strategy.train(scenario.train_stream[k], eval_streams=[],
@@ -147,6 +154,8 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool) -> dict[str, Any]:
             if rank == 0:
                 with iterators_set_aside(strategy):
                     checkpoints.save(lambda f: save_checkpoint(strategy, f))
+            if on_experience:
+                on_experience(k + 1, bench.n_experiences)
     return _collect(cfg, bench, progress, strategy.evaluator)  # the evaluator of a resumed run is the loaded one
 
 

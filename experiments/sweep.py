@@ -24,7 +24,8 @@ completed experience, so a killed sweep is finished by running it again.
 The cells run on this machine (``--jobs`` processes) or, with ``--executor
 ray``, as tasks on a Ray cluster (:mod:`experiments.executors`), with the same
 folders, locks and resumption; a cell that raised is reported with its
-message and never retried.
+message and never retried. Missing data or a setting refused at run time
+stops the sweep: every cell would fail the same way.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import itertools
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import config as C
 from .executors import LocalExecutor, error_line, run_ranks
@@ -117,9 +118,15 @@ def _expand_grid(base: C.RunConfig, grid: dict[str, Any]) -> list[C.RunConfig]:
     return cells
 
 
-def _run_cell(cfg_dict: dict[str, Any], threads: int | None, ranks: int = 1) -> tuple[str, str]:
+def _run_cell(cfg_dict: dict[str, Any], threads: int | None, ranks: int = 1,
+              report: Callable[[int, int], None] | None = None) -> tuple[str, str, str | None]:
     """Run one cell (in this process or a worker; ``ranks`` > 1: as a torchrun
-    of that many processes); returns (folder, status)."""
+    of that many processes); returns (folder, status, shared): ``shared`` is
+    the error in one line when the cell failed in a way every cell would
+    share (missing data, a bad setting), else None. ``report(done, total)``
+    is called after each experience (not for a torchrun). A run that succeeds
+    removes the ``error.txt`` of an earlier failure."""
+    from .data import DataNotFoundError
     from .runner import run
 
     cfg = C.RunConfig(**cfg_dict)
@@ -130,38 +137,80 @@ def _run_cell(cfg_dict: dict[str, Any], threads: int | None, ranks: int = 1) -> 
         if ranks > 1:
             run_ranks(cfg, ranks)
         else:
-            run(dataclasses.replace(cfg, progress=False), quiet=True)
+            run(dataclasses.replace(cfg, progress=False), quiet=True, on_experience=report)
     except RunLocked:
-        return cfg.out, "running elsewhere"
-    except Exception:  # noqa: BLE001 - one broken cell must not stop the sweep ...
+        return cfg.out, "running elsewhere", None
+    except Exception as e:  # noqa: BLE001 - one broken cell must not stop the sweep ...
         if rank_and_world()[1] > 1:
             raise  # ... except under torchrun, where the ranks would wait for each other forever
         write_text(Path(cfg.out) / "error.txt", traceback.format_exc())  # atomic: never through a planted link
-        return cfg.out, f"{FAILED_IN_RUN}: {error_line(sys.exc_info()[1])} (see error.txt)"
-    return cfg.out, "done before" if already else "done"
+        shared = isinstance(e, (C.ConfigError, DataNotFoundError))  # ... nor one that every cell would share
+        return (cfg.out, f"{FAILED_IN_RUN}: {error_line(e)} (see error.txt)",
+                f"{type(e).__name__}: {' '.join(str(e).split())}" if shared else None)
+    with contextlib.suppress(FileNotFoundError):
+        (Path(cfg.out) / "error.txt").unlink()  # the run succeeded: an earlier failure's note would mislead
+    return cfg.out, "done before" if already else "done", None
 
 
 #: the two kinds of failure a sweep reports: the run raised (never retried), or its worker or node was lost
 FAILED_IN_RUN, FAILED_ON_NODE = "failed in the run", "failed on the node"
+#: the status of a cell never started, the sweep having stopped on a failure every cell would share
+NOT_STARTED = "not started"
+#: how the sweep says it stopped
+STOPPED = "stopped: every run would fail the same way"
 
 
 def run_sweep(spec: dict[str, Any], out: str | Path, jobs: int = 1, overrides: dict[str, Any] | None = None,
-              progress: bool = True, executor=None) -> dict[str, str]:
+              progress: bool = True, executor=None,
+              on_experience: Callable[[str, int, int], None] | None = None) -> dict[str, str]:
     """Run every cell on ``executor`` (default: this machine, ``jobs``
-    processes); returns {folder: status}."""
+    processes); returns {folder: status}.
+
+    The bar counts experiences (every cell's, finished before or not) and
+    moves as each is checkpointed (on Ray: as each run ends);
+    ``on_experience(folder, done, total)`` is called then too. A failure is
+    printed on stderr when it happens, with its folder; one that every cell
+    would share (missing data, a bad setting) stops the sweep: no further
+    cell starts, and those never started have the status ``not started``."""
     from tqdm.auto import tqdm
+
+    from .data import stream_length
 
     cells = expand(spec, out, overrides)
     names = [str(Path(cell.out).relative_to(out)) for cell in cells]
     executor = executor or LocalExecutor(jobs)
     slot = executor.slot(cells)
     cells = [executor.place(cell, slot) for cell in cells]
+    lengths = [stream_length(cell) for cell in cells]
+    counted = [0] * len(cells)  # experiences of each cell counted on the bar
     statuses: dict[str, str] = {}
-    bar = tqdm(total=len(cells), desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
-    for outcome in executor.map(_run_cell, [(cell.to_dict(), slot.threads, slot.ranks) for cell in cells], slot):
+    stopped: list[str] = []  # the shared failure's message, once one happened
+    printed: set[str] = set()
+    speak = rank_and_world()[0] == 0
+    bar = tqdm(total=sum(lengths), desc="sweep", unit="exp", disable=not progress, dynamic_ncols=True)
+
+    def advance(index: int, done: int) -> None:
+        step = min(done, lengths[index]) - counted[index]
+        if step > 0:
+            counted[index] += step
+            bar.update(step)
+
+    def report(index: int, done: int, total: int) -> None:
+        advance(index, done)
+        bar.set_postfix_str(names[index])
+        if on_experience:
+            on_experience(cells[index].out, done, total)
+
+    def say(line: str) -> None:
+        if speak:
+            tqdm.write(line, file=sys.stderr)
+
+    calls = [(cell.to_dict(), slot.threads, slot.ranks) for cell in cells]
+    for outcome in executor.map(_run_cell, calls, slot, stop=lambda: bool(stopped), report=report):
         cell = cells[outcome.index]
+        shared = None
         if outcome.error is None:
-            folder, status = outcome.value
+            folder, status, shared = outcome.value
         else:  # the call never returned: its worker or node was lost (Ray retried it once), or it could not start
             folder = cell.out
             status = f"{FAILED_ON_NODE if outcome.lost else FAILED_IN_RUN}: {outcome.message}"
@@ -169,7 +218,15 @@ def run_sweep(spec: dict[str, Any], out: str | Path, jobs: int = 1, overrides: d
                 Path(folder).mkdir(parents=True, exist_ok=True)
                 write_text(Path(folder) / "error.txt", f"{status}\nRun the sweep again to resume this run.\n")
         statuses[folder] = status
+        if shared and not stopped:
+            stopped.append(shared)
+            say(f"sweep: {STOPPED}: {shared} (in {folder}/error.txt)")
+        elif status.startswith("failed") and status not in printed:  # each distinct failure once, as it happens
+            say(f"sweep: {names[outcome.index]} {status.replace('see error.txt', f'in {folder}/error.txt')}")
+        printed.add(status)
+        advance(outcome.index, lengths[outcome.index])
         bar.set_postfix_str(names[outcome.index])
-        bar.update(1)
     bar.close()
+    for cell in cells:
+        statuses.setdefault(cell.out, NOT_STARTED)
     return statuses

@@ -177,10 +177,11 @@ def plot_toy(result: dict, path: str | Path) -> None:
     xs, ys = torch.linspace(float(lo[0]), float(hi[0]), 200), torch.linspace(float(lo[1]), float(hi[1]), 200)
     gx, gy = torch.meshgrid(xs, ys, indexing="xy")
     z = f(torch.stack([gx, gy], -1).double())
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 1.0, 3.6), squeeze=False,
+                             layout="constrained", sharey=True)
     colors = sns.color_palette("colorblind", len(names))
     for ax, name, color in zip(axes[0], names, colors):
-        ax.contourf(gx, gy, z, levels=30, cmap="Greys_r", alpha=0.85)
+        levels = ax.contourf(gx, gy, z, levels=30, cmap="Greys_r", alpha=0.85)
         for tr in result["results"][name]["trajectories"]:
             tr = torch.tensor(tr)
             ax.plot(tr[:, 0], tr[:, 1], color=color, lw=1.2)
@@ -188,12 +189,13 @@ def plot_toy(result: dict, path: str | Path) -> None:
             ax.scatter(tr[-1, 0], tr[-1, 1], color=color, edgecolor="black", marker="X", s=30, zorder=3)
         r = result["results"][name]
         ax.set_title(f"{name}: escape {100 * r['escape_ratio']:.0f}%", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set_xlabel("x₁")
+        ax.tick_params(labelsize=8)
+    axes[0][0].set_ylabel("x₂")
+    fig.colorbar(levels, ax=list(axes[0]), label="loss f(x)", shrink=0.9)
     title = cfg.landscape + (f" (s = {cfg.sharpness:g})" if cfg.landscape == "sharp_wide" else "")
     fig.suptitle(f"{title}: trajectories from {len(result['results'][names[0]]['trajectories'])} starts "
-                 f"(dot: start, cross: end), lr {cfg.lr:g}, {cfg.steps} steps", fontsize=9)
-    fig.tight_layout()
+                 f"(dot: start, cross: end), lr {cfg.lr:g}, {cfg.steps} steps", fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 

@@ -224,10 +224,12 @@ def test_a_bad_setting_fails_once_with_its_message_on_the_terminal(ray_address, 
     assert cli(["sweep", str(spec), "--out", str(out), "--executor", "ray"]) == 1
     captured = capsys.readouterr()
     assert "2 done, 1 failed in the run" in captured.out
+    stop = [line for line in captured.err.splitlines() if "every run would fail the same way" in line]
+    assert len(stop) == 1 and "ConfigError: train_per_class 100: class 0 has only 40 samples" in stop[0]
     failures = [line for line in captured.err.splitlines() if "failed" in line]
     assert len(failures) == 1
-    assert ("failed in the run: ValueError: class 0 has 40 samples, fewer than the 100 per class asked for "
-            "(see error.txt)") in failures[0]
+    assert ("failed in the run: ConfigError: train_per_class 100: class 0 has only 40 samples; use at most 40 "
+            "(0: all) (see error.txt)") in failures[0]
     folder = Path(failures[0].split(": failed")[0].strip())
     assert "train_per_class100" in str(folder) and "Traceback" in (folder / "error.txt").read_text()
     assert not (folder / "metrics.json").exists()
@@ -305,7 +307,7 @@ def test_a_run_of_several_ranks_is_a_torchrun_inside_its_task(data_root, tmp_pat
 
     cfg = C.RunConfig(benchmark="permuted_mnist", preset="smoke", data_root=str(data_root), download=False,
                       device="cpu", out=str(tmp_path / "ranks"))
-    assert _run_cell(cfg.to_dict(), 1, 2) == (cfg.out, "done")
+    assert _run_cell(cfg.to_dict(), 1, 2) == (cfg.out, "done", None)
     config = read_json(tmp_path / "ranks" / "config.json")
     assert config["environment"]["world_size"] == 2 and config["config"]["threads"] == 1
     assert len(read_json(tmp_path / "ranks" / "metrics.json")["accuracy_matrix"]) == 3

@@ -405,6 +405,11 @@ def test_a_failed_run_never_blocks_its_corrected_rerun(data_root, tmp_path, caps
     assert (tmp_path / "p" / "checkpoint.pkl").exists()
     refused(capsys, smoke(data_root, tmp_path / "p", lr=0.01), tmp_path, "holds a run with other settings (lr differ)")
 
+    # results whose config.json is gone cannot be checked against the settings: refused, never taken as done
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "metrics.json").write_text('{"acc": 0.99}')
+    refused(capsys, smoke(data_root, tmp_path / "d"), tmp_path, "without the config.json")
+
 
 def _cfg(data_root, out, **kw) -> dict:
     return dict(benchmark="permuted_mnist", preset="smoke", data_root=str(data_root), out=str(out), progress=False,
@@ -841,3 +846,32 @@ def test_buffer_dtype_choices_are_names_the_optimizers_accept():
     from cl_cm.buffer import DTYPE_NAMES
 
     assert set(C.VALID["buffer_dtype"]) <= set(DTYPE_NAMES)
+
+
+def test_workers_of_a_killed_sweep_end_with_it():
+    """SIGKILL of a sweep (no chance to stop its pool): its worker processes
+    notice that their parent is gone and end, instead of running on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    script = ("import time; from experiments.executors import LocalExecutor\n"
+              "for _ in LocalExecutor(2).map(time.sleep, [(60,), (60,)], None): pass\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 180
+        workers = []
+        while time.monotonic() < deadline and len(workers) < 2:
+            workers = [c for c in psutil.Process(parent.pid).children() if "resource_tracker" not in " ".join(c.cmdline())]
+            time.sleep(0.2)
+        assert len(workers) >= 2, "the pool never started"
+        time.sleep(1.0)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=20)
+        assert not alive, f"workers still running after their sweep was killed: {[p.pid for p in alive]}"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
