@@ -33,6 +33,7 @@ from torch.optim import Optimizer
 from .adam_cg import AdamCG
 from .adam_cm import AdamCM
 from .buffered_optimizer import CriticalBufferOptimizer
+from .names import BUFFERED, OPTIMIZER_NAMES, check_name, has_buffer  # noqa: F401 (has_buffer re-exported)
 from .sam import SAM
 
 
@@ -105,13 +106,12 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
     OptimizerSpec("adam_cm", AdamCM),
     OptimizerSpec("adam_cm_sam", AdamCM, sam=True),
 )}
+if tuple(OPTIMIZERS) != OPTIMIZER_NAMES or {n for n, s in OPTIMIZERS.items() if s.buffered} != set(BUFFERED):
+    raise ImportError("cl_cm.names and cl_cm.registry disagree on the optimizers or on which keep a buffer")
 
 
 def _spec(name: str) -> OptimizerSpec:
-    key = name.lower() if isinstance(name, str) else name
-    if key not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
-    return OPTIMIZERS[key]
+    return OPTIMIZERS[check_name(name)]
 
 
 def optimizer_options(name: str) -> dict[str, Any]:
@@ -129,13 +129,16 @@ def make_optimizer(name: str, params: Iterable, **kwargs) -> Optimizer:
     return _spec(name)(params, **kwargs)
 
 
-def has_buffer(name: str) -> bool:
-    """Whether optimizer ``name`` keeps a buffer of critical entries."""
-    return _spec(name).buffered
-
-
 def buffered(optimizer: Optimizer) -> CriticalBufferOptimizer | None:
     """The optimizer that holds the buffer: ``optimizer`` itself (AdamCM,
     AdamCG), the base optimizer of a :class:`SAM` around one, or None."""
     base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
     return base if isinstance(base, CriticalBufferOptimizer) else None
+
+
+def skipped_steps(optimizer: Optimizer) -> int:
+    """Optimizer steps skipped for NaN/Inf gradients: ``skipped_steps`` of a
+    cl_cm optimizer (AdamCM, AdamCG) and of a SAM wrapper with its base
+    optimizer; 0 for torch's optimizers, which never skip a step."""
+    base = getattr(optimizer, "base_optimizer", None)
+    return int(getattr(optimizer, "skipped_steps", 0)) + (int(getattr(base, "skipped_steps", 0)) if base else 0)

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from cl_cm import AdamCG, AdamCM
+from cl_cm import AdamCG, AdamCM, buffered
 
 
 def resnet18_shapes(num_classes: int = 10) -> list[torch.Size]:
@@ -111,11 +111,12 @@ def bench(makers: dict[str, Callable], shapes, device: str, steps: int, warmup: 
             times.append(time.perf_counter() - t0)
     results = {}
     for name, (params, opt, times) in runs.items():
-        stats = opt.buffer_stats() if hasattr(opt, "buffer_stats") else {}
+        buf = buffered(opt)
+        stats = buf.buffer_stats() if buf is not None else {}
         results[name] = {
             "median_ms": 1e3 * statistics.median(times[warmup:]), "first_step_s": times[0],
             "state_MB": state_bytes(opt) / 2**20,
-            "buffer_MB": (opt.buffer_nbytes() / 2**20) if hasattr(opt, "buffer_nbytes") else None,
+            "buffer_MB": (buf.buffer_nbytes() / 2**20) if buf is not None else None,
             "replacement_rate": stats.get("replacement_rate")}
     return results
 

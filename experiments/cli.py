@@ -8,7 +8,7 @@
     cl-cm report runs/readme
     torchrun --nproc_per_node 2 -m experiments.cli run|sweep|supervised ...   # data split across ranks
 
-``cl-cm run --help`` lists every setting with its default.
+cl-cm run --help lists every setting with its default.
 """
 from __future__ import annotations
 
@@ -31,24 +31,66 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} ({self.prog} --help lists the settings)")
 
 
+RUN_HELP = """\
+Train one continual-learning run: the experiences of a benchmark one after another, with an Avalanche strategy
+and an optimizer. The folder --out receives config.json (every setting), a checkpoint after each experience (a
+killed run resumes where it stopped) and, at the end, metrics.json (the accuracy matrix, ACC, BWT, forgetting,
+timings, buffer statistics). Settings come from the flags, a --config file, or both (flags win). Protocol
+settings left unset take the values of --preset; optimizer and strategy settings left unset take their own
+defaults."""
+
+SWEEP_HELP = """\
+Run every cell of a grid from a TOML or JSON file, one folder per cell; finished cells are skipped and
+unfinished ones resume, so running a sweep again finishes it. The file has up to three tables:
+
+  [sweep]                  command-line defaults: out = "runs/readme", jobs = 1
+  [base]                   settings shared by every cell (any cl-cm run setting)
+  [grid]                   settings given as lists; the sweep runs their product
+                           (boundary = ["keep", "decay:0.5"]: policy[:factor[:min_size]])
+
+Several [[grid]] tables pool their cells. Boundary policies only multiply optimizers with a buffer."""
+
+TUNE_HELP = """\
+Choose each arm's hyperparameters on validation data (never the test data), with Optuna; resumable. The file
+has [tune] (trials, jobs, out), [base] (shared settings), [grid] (the arms) and [space] (the hyperparameters
+searched and their values). The result, tuned.toml, gives each arm's chosen settings to cl-cm run --tuned and
+cl-cm sweep --tuned."""
+
+STUDY_HELP = """\
+For every study file (or every one in a folder): tune each arm on validation data, then run it with the chosen
+settings on the test data over the study's seeds, and write a report. Resumable: run it again to finish it."""
+
+SUPERVISED_HELP = """\
+Train one model with one optimizer on CIFAR-10, CIFAR-100 (test accuracy, and the top Hessian eigenvalue at the
+end) or Penn Treebank (validation and test perplexity): the paper's supervised benchmarks. --optimizers and
+--seeds run several, one folder each under --out; a checkpoint after every epoch lets a killed run resume.
+Protocol settings left unset take the values of --preset."""
+
+TOY_HELP = """\
+Compare optimizers on 2-D landscapes (goldstein_price, ackley, sharp_wide): from random starts, how far each
+travels, where it ends, and how often it escapes to the basin of a lower minimum. One run per landscape,
+sharpness and seed, each in its own folder under --out with a plot of trajectories."""
+
+REPORT_HELP = """\
+Write the report (tables and figures) of every finished run under a folder."""
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="cl-cm", description="Adam+CM continual-learning experiments.",
                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="one continual-learning run", description=C.__doc__,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = sub.add_parser("run", help="one continual-learning run", description=RUN_HELP)
     run.add_argument("--config", help="TOML or JSON file of settings; flags given as well override it")
     C.add_arguments(run)
 
-    sweep = sub.add_parser("sweep", help="a grid of runs from a config file (resumable)",
-                           description=__import__("experiments.sweep", fromlist=["x"]).__doc__,
+    sweep = sub.add_parser("sweep", help="a grid of runs from a config file (resumable)", description=SWEEP_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_argument("file", help="sweep file (TOML or JSON)")
     sweep.add_argument("--out", help="results folder (default: the file's [sweep] out, else runs/<file name>)")
-    sweep.add_argument("--jobs", type=int, help="parallel processes (default: the file's [sweep] jobs, else 1); with "
-                                                "--executor ray, at most this many runs at once (default: as many as "
-                                                "the cluster holds)")
+    sweep.add_argument("--jobs", type=int, help="parallel processes; with --executor ray, at most this many runs at "
+                                                "once (default: the file's [sweep] jobs, else 1; with --executor ray, "
+                                                "as many as the cluster holds)")
     sweep.add_argument("--data-root", help="overrides [base] data_root")
     sweep.add_argument("--device", help="overrides [base] device")
     sweep.add_argument("--tuned", help="tuned.toml of cl-cm tune: each cell runs with its arm's chosen settings "
@@ -58,14 +100,13 @@ def _parser() -> argparse.ArgumentParser:
     _executor_arguments(sweep)
 
     tune = sub.add_parser("tune", help="choose each arm's hyperparameters on validation data (Optuna; resumable)",
-                          description=__import__("experiments.tuning", fromlist=["x"]).__doc__,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+                          description=TUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     tune.add_argument("file", help="tune file (TOML or JSON): [tune], [base], [grid] and [space]")
     tune.add_argument("--out", help="results folder (default: the file's [tune] out, else runs/<file name>)")
     tune.add_argument("--trials", type=int, help="trials per arm (default: [tune] trials, else each arm's whole grid)")
-    tune.add_argument("--jobs", type=int, help="parallel worker processes (default: [tune] jobs, else 1); with "
-                                               "--executor ray, worker tasks (default: as many runs as the cluster "
-                                               "holds at once)")
+    tune.add_argument("--jobs", type=int, help="parallel worker processes; with --executor ray, worker tasks "
+                                               "(default: [tune] jobs, else 1; with --executor ray, as many runs as "
+                                               "the cluster holds at once)")
     tune.add_argument("--storage", help="Optuna storage URL shared by workers, e.g. sqlite:///tune.db or "
                                         "postgresql://... (default: the journal file OUT/optuna.journal)")
     tune.add_argument("--data-root", help="overrides [base] data_root")
@@ -74,8 +115,7 @@ def _parser() -> argparse.ArgumentParser:
 
     study = sub.add_parser("study", help="tune every arm on validation data, then run it on the test data, for a "
                                          "folder of study files (resumable)",
-                           description=__import__("experiments.study", fromlist=["x"]).__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           description=STUDY_HELP)
     study.add_argument("target", nargs="?", default="experiments/studies",
                        help="a study file or a folder of them (default: experiments/studies)")
     study.add_argument("--out", default="runs/study", help="results folder (default: runs/study)")
@@ -87,36 +127,20 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--dry-run", action="store_true", help="list the studies and their arms, and exit")
     _executor_arguments(study)
 
-    from .supervised import SupervisedConfig
-    from .toy import LANDSCAPES, TOY_OPTIMIZERS
-
     sup = sub.add_parser("supervised", help="CIFAR-10/100 or Penn Treebank training, the paper's benchmarks",
-                         description=__import__("experiments.supervised", fromlist=["x"]).__doc__,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+                         description=SUPERVISED_HELP)
     sup.add_argument("--config", help="TOML or JSON file of settings; flags given as well override it")
     sup.add_argument("--optimizers", nargs="+", help="run every one of these (default: --optimizer)")
     sup.add_argument("--seeds", nargs="+", type=int, help="run every one of these seeds (default: --seed)")
     sup.add_argument("--report", action="store_true", help="write the report of --out at the end")
-    C.add_arguments(sup, SupervisedConfig)
+    C.add_arguments(sup, C.SupervisedConfig)
 
-    toy = sub.add_parser("toy", help="optimizers on 2-D landscapes: exploration and escape",
-                         description=__import__("experiments.toy", fromlist=["x"]).__doc__,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    toy.add_argument("--landscapes", nargs="+", default=list(LANDSCAPES), choices=LANDSCAPES)
-    toy.add_argument("--optimizers", nargs="+", default=list(TOY_OPTIMIZERS),
-                     help=f"default: {' '.join(TOY_OPTIMIZERS)}")
-    toy.add_argument("--sharpness", nargs="+", type=float, default=[0.3],
-                     help="widths s of the sharp minimum of sharp_wide; several give escape ratio against "
-                          "sharpness (default: 0.3)")
-    toy.add_argument("--starts", type=int, default=50, help="random starts per run (default: 50)")
-    toy.add_argument("--steps", type=int, default=300, help="optimizer steps per start (default: 300)")
-    toy.add_argument("--lr", type=float, default=0.05, help="learning rate of every optimizer (default: 0.05)")
-    toy.add_argument("--rho", type=float, default=0.05, help="SAM radius (default: 0.05)")
-    toy.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of the starts (default: 0)")
+    toy = sub.add_parser("toy", help="optimizers on 2-D landscapes: exploration and escape", description=TOY_HELP)
+    C.toy_arguments(toy)
     toy.add_argument("--out", default="runs/toy", help="results folder (default: runs/toy)")
     toy.add_argument("--report", action="store_true", help="write the report of --out at the end")
 
-    report = sub.add_parser("report", help="the report of every run under a folder")
+    report = sub.add_parser("report", help="the report of every run under a folder", description=REPORT_HELP)
     report.add_argument("folder")
     report.add_argument("--out", help="report folder (default: FOLDER/report)")
     report.add_argument("--reference", default="adam",
@@ -155,7 +179,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"cl-cm: error: {e}", file=sys.stderr)
         return 2
-    from strategies import NonFiniteLossError
+    from strategies.errors import NonFiniteLossError
 
     from .checkpoint import CheckpointRefused
     from .data import DataNotFoundError
@@ -164,6 +188,10 @@ def main(argv=None) -> int:
 
     try:
         if args.command in ("run", "sweep", "supervised"):
+            if args.command != "supervised":
+                # Importing Avalanche's strategies creates a logger (Avalanche's AETraining evaluator), which
+                # Avalanche refuses on ranks other than 0 once a process group exists: import them first.
+                import strategies.factory  # noqa: F401
             with process_group_from_env():  # under torchrun: data split across ranks, rank 0 writes
                 if args.command == "run":
                     from .runner import run
@@ -309,29 +337,14 @@ def _supervised(args) -> int:
 
 
 def _toy(args) -> int:
-    from .results import managed_run
-    from .toy import ToyConfig, check_toy, plot_toy, run_toy
+    from .results import execute
+    from .toy import ToyRun
 
-    check_toy(args)
+    cfgs = C.toy_configs(args)
     _check_out(args.out)
-    for landscape in args.landscapes:
-        for sharpness in (args.sharpness if landscape == "sharp_wide" else [args.sharpness[0]]):
-            for seed in args.seeds:
-                cfg = ToyConfig(landscape=landscape, sharpness=sharpness, optimizers=tuple(args.optimizers),
-                                starts=args.starts, steps=args.steps, lr=args.lr, rho=args.rho, seed=seed)
-                name = landscape + (f"-s{sharpness:g}" if landscape == "sharp_wide" else "")
-                folder = Path(args.out) / name / f"seed{seed}"
-                settings = {**cfg.__dict__, "optimizers": list(cfg.optimizers)}
-
-                def train(out, cfg=cfg):
-                    result = run_toy(cfg)
-                    plot_toy(result, out / "trajectories.png")
-                    return result
-
-                result, _ = managed_run(folder, settings, (), f"toy landscape {landscape}", train)
-                print(f"{name} seed {seed}: " + ", ".join(
-                    f"{k} escape {100 * v['escape_ratio']:.0f}% loss {v['mean_final_loss']:.3g} "
-                    f"travelled {v['mean_travelled']:.2f}" for k, v in result["results"].items()))
+    kind = ToyRun(args.out)
+    for cfg in cfgs:
+        execute(kind, cfg)
     if args.report:
         from .report import render
 

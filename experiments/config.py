@@ -1,11 +1,14 @@
-"""Run configuration: every argument of ``cl-cm run``, its default and its
-documentation, in one dataclass. Flags, config files and sweeps all go
-through it.
+"""Settings: every argument of ``cl-cm run`` (:class:`RunConfig`), ``cl-cm
+supervised`` (:class:`SupervisedConfig`) and ``cl-cm toy``
+(:class:`ToyConfig`), each with its default, its help and its valid values,
+declared once. Flags, config files and sweeps all go through them. Importing
+this module imports neither torch nor Avalanche, so that ``--help`` and bad
+settings answer at once.
 
 Protocol settings (experiences, epochs, batch size, data subset, model) left
 at None take the value of the chosen preset from
 ``experiments/protocols/<benchmark>.toml``; optimizer and strategy settings
-left at None take the defaults of :func:`strategies.make_optimizer` and
+left at None take the defaults of :func:`cl_cm.make_optimizer` and
 :func:`strategies.make_strategy`.
 """
 from __future__ import annotations
@@ -20,7 +23,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from strategies import BOUNDARIES, KAPPA_SCHEDULES, OPTIMIZERS, STRATEGIES, optimizer_options
+from cl_cm.names import BUFFERED, OPTIMIZER_NAMES, has_buffer
+from strategies.names import BOUNDARIES, KAPPA_SCHEDULES, STRATEGY_NAMES, strategy_options
 
 #: benchmark -> its scenarios (Hsu et al. 2018, "Re-evaluating Continual Learning Scenarios"), the default first
 SCENARIOS = {
@@ -32,7 +36,6 @@ SCENARIOS = {
 }
 BENCHMARKS = tuple(SCENARIOS)
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
-BUFFERED_OPTIMIZERS = ("adam_cm", "adam_cg", "adam_cm_sam")
 VALIDATION = ("none", "holdout", "first_tasks")
 #: model -> the benchmarks it takes (mlp: 28x28 MNIST images; the ResNets: 3x32x32 CIFAR images)
 MODELS = {"mlp": ("permuted_mnist", "rotated_mnist", "split_mnist"),
@@ -42,8 +45,14 @@ MODELS = {"mlp": ("permuted_mnist", "rotated_mnist", "split_mnist"),
 SPLIT_CLASSES = {"split_mnist": 10, "split_cifar10": 10, "split_cifar100": 100}
 
 
-def _f(default, help: str, group: str, choices=None):
-    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
+def _f(default, help: str, group: str, choices=None, shown=None, several=None, grid_default=None):
+    """A setting: its default, its help for users, its group in ``--help``,
+    its choices, and (``shown``) what a None default means, for ``--help``.
+    ``several``: the name of a flag that takes several values, one run each
+    (``cl-cm toy --seeds 0 1``), whose default is ``grid_default`` if given,
+    else the setting's default."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "shown": shown,
+                                            "several": several, "grid_default": grid_default})
 
 
 @dataclass
@@ -51,19 +60,20 @@ class OptimizerSettings:
     """Optimizer hyperparameters shared by every kind of run (None: the
     default of :func:`strategies.make_optimizer`)."""
 
-    lr: float | None = _f(None, "learning rate (sgd 0.01, Adam family 1e-3)", "optimizer")
-    weight_decay: float | None = _f(None, "decoupled weight decay (0)", "optimizer")
-    momentum: float | None = _f(None, "SGD momentum (0)", "optimizer")
-    beta1: float | None = _f(None, "Adam family: beta1, decay of the first moment m (0.9)", "optimizer")
-    beta2: float | None = _f(None, "Adam family: beta2, decay of the second moment v (0.999)", "optimizer")
-    buffer_size: int | None = _f(None, "C, critical momenta kept (5)", "optimizer")
-    decay: float | None = _f(None, "lambda, priority decay per step (0.7)", "optimizer")
-    kappa: float | None = _f(None, "kappa, weight of mean(B) (1.0)", "optimizer")
-    second_moment: str | None = _f(None, "aggregated (paper) or gradient", "optimizer")
-    rho: float | None = _f(None, "SAM radius (0.05)", "optimizer")
-    adaptive: bool | None = _f(None, "adaptive SAM (False)", "optimizer")
-    buffer_dtype: str | None = _f(None, "how the buffer stores entries: float32, bfloat16, int8 (8-bit, block-scaled) "
-                                  "(the parameters' dtype)", "optimizer")
+    lr: float | None = _f(None, "learning rate", "optimizer", shown="sgd 0.01, Adam family 1e-3")
+    weight_decay: float | None = _f(None, "decoupled weight decay", "optimizer", shown="0")
+    momentum: float | None = _f(None, "SGD momentum", "optimizer", shown="0")
+    beta1: float | None = _f(None, "Adam family: beta1, decay of the first moment m", "optimizer", shown="0.9")
+    beta2: float | None = _f(None, "Adam family: beta2, decay of the second moment v", "optimizer", shown="0.999")
+    buffer_size: int | None = _f(None, "C, critical momenta kept", "optimizer", shown="5")
+    decay: float | None = _f(None, "lambda, priority decay per step", "optimizer", shown="0.7")
+    kappa: float | None = _f(None, "kappa, weight of mean(B)", "optimizer", shown="1.0")
+    second_moment: str | None = _f(None, "Adam+CM: aggregated (the paper's) or gradient", "optimizer",
+                                   shown="aggregated")
+    rho: float | None = _f(None, "SAM radius", "optimizer", shown="0.05")
+    adaptive: bool | None = _f(None, "adaptive SAM", "optimizer", shown="off")
+    buffer_dtype: str | None = _f(None, "how the buffer stores entries: float32, bfloat16, int8 (8-bit, block-scaled)",
+                                  "optimizer", shown="the parameters' dtype")
 
 
 @dataclass
@@ -73,8 +83,8 @@ class RuntimeSettings:
     out: str = _f("runs/run", "folder of this run's results", "runtime")
     data_root: str = _f("data", "folder holding (or receiving) the data sets", "runtime")
     download: bool = _f(True, "let torchvision download missing data (--no-download: fail at once)", "runtime")
-    device: str | None = _f(None, "cpu, cuda, cuda:1, ... (default: cuda if available)", "runtime")
-    threads: int | None = _f(None, "torch CPU threads (default: torch's choice)", "runtime")
+    device: str | None = _f(None, "cpu, cuda, cuda:1, ...", "runtime", shown="cuda if available")
+    threads: int | None = _f(None, "torch CPU threads", "runtime", shown="torch's choice")
     eval_batch_size: int = _f(512, "evaluation mini-batch size", "runtime")
     progress: bool = _f(True, "progress bars", "runtime")
     tuned: str | None = _f(None, "tuned.toml written by cl-cm tune: the run takes its arm's chosen settings", "runtime")
@@ -94,9 +104,9 @@ class RunConfig(OptimizerSettings, RuntimeSettings):
     benchmark: str = _f("permuted_mnist", "continual-learning benchmark", "run", BENCHMARKS)
     scenario: str | None = _f(None, "task (one head per experience), domain (one shared head over the "
                               "experience's classes) or class (one head over all classes); split_mnist takes "
-                              "all three, the other benchmarks one (default: the benchmark's own)", "run")
-    strategy: str = _f("naive", "Avalanche strategy", "run", tuple(STRATEGIES))
-    optimizer: str = _f("adam", "optimizer", "run", tuple(OPTIMIZERS))
+                              "all three, the other benchmarks one", "run", shown="the benchmark's own")
+    strategy: str = _f("naive", "Avalanche strategy", "run", STRATEGY_NAMES)
+    optimizer: str = _f("adam", "optimizer", "run", OPTIMIZER_NAMES)
     preset: str = _f("cpu", "protocol preset: smoke (CI, seconds), cpu (minutes on 2 cores), paper "
                      "(the full protocol, for a GPU); see experiments/protocols/", "run")
     seed: int = _f(0, "seed of everything random: initialisation, permutations, data order", "run")
@@ -105,7 +115,8 @@ class RunConfig(OptimizerSettings, RuntimeSettings):
     factor: float | None = _f(None, "factor of the decay and shrink policies, in (0, 1]", "buffer")
     min_size: int = _f(0, "smallest capacity the shrink policy leaves", "buffer")
     kappa_schedule: str = _f("constant", "kappa within each experience", "buffer", KAPPA_SCHEDULES)
-    kappa_start: float | None = _f(None, "kappa at the start of each experience (default: --kappa)", "buffer")
+    kappa_start: float | None = _f(None, "kappa at the start of each experience", "buffer",
+                                   shown="the value of --kappa")
     kappa_end: float | None = _f(None, "kappa at the end of each experience (linear, cosine)", "buffer")
     reset_moments: bool = _f(False, "Adam family: zero m, v and the step count at each boundary (a buffer is "
                              "kept; the boundary policy decides its fate)", "buffer")
@@ -119,14 +130,14 @@ class RunConfig(OptimizerSettings, RuntimeSettings):
     width: int | None = _f(None, "hidden units (mlp) or base channels nf (resnets)", "protocol")
     augment: bool | None = _f(None, "random crop and flip on CIFAR training images", "protocol")
     # ---- strategy (default: strategies.make_strategy's)
-    ewc_lambda: float | None = _f(None, "EWC penalty weight (1.0)", "strategy")
-    si_lambda: float | None = _f(None, "SI penalty weight (1.0)", "strategy")
-    lwf_alpha: float | None = _f(None, "LwF distillation weight (1.0)", "strategy")
-    lwf_temperature: float | None = _f(None, "LwF temperature (2.0)", "strategy")
-    mem_size: int | None = _f(None, "Replay memory size (200)", "strategy")
-    patterns_per_exp: int | None = _f(None, "GEM/A-GEM patterns stored per experience (64)", "strategy")
-    sample_size: int | None = _f(None, "A-GEM reference sample size (64)", "strategy")
-    memory_strength: float | None = _f(None, "GEM margin (0.5)", "strategy")
+    ewc_lambda: float | None = _f(None, "EWC penalty weight", "strategy", shown="1.0")
+    si_lambda: float | None = _f(None, "SI penalty weight", "strategy", shown="1.0")
+    lwf_alpha: float | None = _f(None, "LwF distillation weight", "strategy", shown="1.0")
+    lwf_temperature: float | None = _f(None, "LwF temperature", "strategy", shown="2.0")
+    mem_size: int | None = _f(None, "Replay memory size", "strategy", shown="200")
+    patterns_per_exp: int | None = _f(None, "GEM/A-GEM patterns stored per experience", "strategy", shown="64")
+    sample_size: int | None = _f(None, "A-GEM reference sample size", "strategy", shown="64")
+    memory_strength: float | None = _f(None, "GEM margin", "strategy", shown="0.5")
     reset_optimizer_state: bool = _f(False, "Avalanche's train(exp, reset_optimizer_state=True) at every "
                                      "experience: a fresh optimizer state, buffer included", "strategy")
     # ---- validation (cl-cm tune): never the test data
@@ -158,6 +169,43 @@ STRATEGY_FIELDS = {"ewc_lambda": "ewc_lambda", "si_lambda": "si_lambda", "lwf_al
                    "memory_strength": "memory_strength"}
 BUFFER_FIELDS = ("boundary", "factor", "min_size", "kappa_schedule", "kappa_start", "kappa_end")
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+
+
+# ------------------------------------------------------------ cl-cm supervised
+TASKS = ("cifar10", "cifar100", "ptb")
+IMAGE_PROTOCOL = ("epochs", "batch_size", "model", "width", "train_per_class", "test_per_class", "augment",
+                  "lr_schedule", "sharpness_samples")
+LM_PROTOCOL = ("epochs", "batch_size", "model", "width", "layers", "dropout", "bptt", "clip",
+               "max_train_tokens", "lr_schedule")
+
+
+@dataclass
+class SupervisedConfig(OptimizerSettings, RuntimeSettings):
+    """Every setting of ``cl-cm supervised``."""
+
+    task: str = _f("cifar10", "supervised benchmark", "run", TASKS)
+    optimizer: str = _f("adam", "optimizer", "run", OPTIMIZER_NAMES)
+    preset: str = _f("cpu", "protocol preset (smoke, cpu, paper, ...): see experiments/protocols/<task>.toml",
+                     "run")
+    seed: int = _f(0, "seed of initialisation, data order, augmentation and dropout", "run")
+    # ---- protocol (default: the preset's value)
+    epochs: int | None = _f(None, "training epochs", "protocol")
+    batch_size: int | None = _f(None, "mini-batch size (PTB: parallel token streams)", "protocol")
+    model: str | None = _f(None, "slim_resnet18, resnet34 (CIFAR) or lstm (PTB)", "protocol")
+    width: int | None = _f(None, "base channels (ResNets) or hidden units (LSTM)", "protocol")
+    train_per_class: int | None = _f(None, "CIFAR training images per class (0: all)", "protocol")
+    test_per_class: int | None = _f(None, "CIFAR test images per class (0: all)", "protocol")
+    augment: bool | None = _f(None, "CIFAR random crop and flip", "protocol")
+    lr_schedule: str | None = _f(None, "cosine (to 0 over training) or constant", "protocol")
+    layers: int | None = _f(None, "LSTM layers", "protocol")
+    dropout: float | None = _f(None, "LSTM dropout", "protocol")
+    bptt: int | None = _f(None, "truncated backpropagation length in tokens", "protocol")
+    clip: float | None = _f(None, "gradient-norm clipping (0: none)", "protocol")
+    max_train_tokens: int | None = _f(None, "PTB training tokens used (0: all)", "protocol")
+    sharpness_samples: int | None = _f(None, "CIFAR training images for the final top Hessian eigenvalue "
+                                       "(0: skip)", "protocol")
+    # ---- measurements
+    stats_every: int = _f(25, "iterations between two buffer-statistics records", "run")
 
 
 class ConfigError(ValueError):
@@ -221,6 +269,83 @@ VALID: dict[str, Range | tuple] = {
     "sharpness_samples": AT_LEAST_ONE,
 }
 
+
+#: valid values of the settings of a supervised run (see :data:`VALID`)
+SUPERVISED_VALID = {**VALID, "model": ("slim_resnet18", "resnet34", "lstm"), "lr_schedule": ("cosine", "constant"),
+         "layers": AT_LEAST_ONE, "dropout": BELOW_ONE, "bptt": AT_LEAST_ONE, "clip": NON_NEGATIVE,
+         "max_train_tokens": NON_NEGATIVE, "sharpness_samples": NON_NEGATIVE, "stats_every": AT_LEAST_ONE}
+
+
+# ------------------------------------------------------------------ cl-cm toy
+#: the 2-D landscapes of :mod:`experiments.toy`
+LANDSCAPES = ("goldstein_price", "ackley", "sharp_wide")
+TOY_OPTIMIZERS = ("adam", "adam_cg", "adam_sam", "adam_cm")
+
+
+@dataclass
+class ToyConfig:
+    """One toy run: every optimizer from the same random starts on one
+    landscape. ``cl-cm toy`` makes one run per landscape, sharpness and seed
+    it is given."""
+
+    landscape: str = _f("sharp_wide", "2-D landscapes", "toy", LANDSCAPES, several="landscapes",
+                        grid_default=LANDSCAPES)
+    sharpness: float = _f(0.3, "widths s of the sharp minimum of sharp_wide; several give the escape ratio "
+                          "against sharpness", "toy", several="sharpness")
+    optimizers: tuple[str, ...] = _f(TOY_OPTIMIZERS, "optimizers compared", "toy")
+    starts: int = _f(100, "random starts per run", "toy")
+    steps: int = _f(300, "optimizer steps per start", "toy")
+    lr: float = _f(0.05, "learning rate of every optimizer", "toy")
+    rho: float = _f(0.05, "SAM radius (adam_sam, adam_cm_sam)", "toy")
+    seed: int = _f(0, "seeds of the starts", "toy", several="seeds")
+    extra: dict = field(default_factory=dict)   # optimizer settings, e.g. {"kappa": 2.0} (Python only)
+
+
+#: valid values of the settings of a toy run
+TOY_VALID = {"sharpness": POSITIVE, "starts": AT_LEAST_ONE, "steps": AT_LEAST_ONE, "lr": POSITIVE,
+             "rho": NON_NEGATIVE, "seed": Range(0, MAX_SEED)}
+
+
+def toy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``cl-cm toy``, one per setting of :class:`ToyConfig`; a
+    setting with ``several`` takes several values (one run each)."""
+    group = parser.add_argument_group("toy settings")
+    for f in fields(ToyConfig):
+        meta = f.metadata
+        if "group" not in meta:
+            continue
+        listed = meta["several"] is not None or f.name == "optimizers"
+        default = meta["grid_default"] or ((f.default,) if meta["several"] else f.default)
+        kind = str if f.name == "optimizers" else _kind(f)
+        group.add_argument("--" + (meta["several"] or f.name), nargs="+" if listed else None, type=kind,
+                           choices=meta["choices"], default=list(default) if listed else default,
+                           help=f"{meta['help']} (default: {_help_default(default)})",
+                           metavar=None if meta["choices"] else (meta["several"] or f.name).upper())
+
+
+def toy_configs(args: argparse.Namespace) -> list[ToyConfig]:
+    """The runs of ``cl-cm toy``, each setting checked (its type and range;
+    the flag named in the error); the sharpness multiplies sharp_wide only."""
+    def number(flag, value, rule, integer):
+        if not is_number(value, integer) or not rule.admits(value):
+            raise ConfigError(f"{flag} must be {rule.describe(integer)}, got {value!r}")
+
+    for f in fields(ToyConfig):
+        if f.name in TOY_VALID:
+            flag = f.metadata["several"] or f.name
+            values = getattr(args, flag)
+            for value in (values if f.metadata["several"] else [values]):
+                number(f"--{flag}", value, TOY_VALID[f.name], _kind(f) is int)
+    for name in args.optimizers:
+        check_choice("optimizer (--optimizers)", name, OPTIMIZER_NAMES)
+    for name in args.landscapes:
+        check_choice("landscape (--landscapes)", name, LANDSCAPES)
+    shared = {k: getattr(args, k) for k in ("starts", "steps", "lr", "rho")}
+    return [ToyConfig(landscape=landscape, sharpness=sharpness, optimizers=tuple(args.optimizers), seed=seed,
+                      **shared)
+            for landscape in args.landscapes
+            for sharpness in (args.sharpness if landscape == "sharp_wide" else args.sharpness[:1])
+            for seed in args.seeds]
 
 def is_number(value, integer: bool = False) -> bool:
     """A finite int (or, unless ``integer``, float or an int that a float holds), not a bool."""
@@ -332,11 +457,13 @@ def check_components(cfg) -> None:
     is written."""
     import torch
 
-    from strategies import CriticalMomentaPlugin, make_optimizer
+    from cl_cm import make_optimizer
 
     try:
         make_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))], **optimizer_kwargs(cfg))
-        if getattr(cfg, "boundary", None) is not None and cfg.optimizer in BUFFERED_OPTIMIZERS:
+        if getattr(cfg, "boundary", None) is not None and has_buffer(cfg.optimizer):
+            from strategies import CriticalMomentaPlugin
+
             CriticalMomentaPlugin(cfg.boundary, cfg.factor, cfg.min_size, cfg.kappa_schedule, cfg.kappa_start,
                                   cfg.kappa_end)
     except (ValueError, TypeError) as e:
@@ -416,6 +543,8 @@ def check_choice(name: str, value, allowed) -> None:
 
 def check_optimizer_settings(cfg) -> None:
     """Optimizer settings given explicitly must be ones that the optimizer takes."""
+    from cl_cm import optimizer_options
+
     accepted = optimizer_options(cfg.optimizer)
     wrong = [k for k in OPTIMIZER_FIELDS if getattr(cfg, k) is not None and OPTIMIZER_ARGUMENT.get(k, k) not in accepted]
     if wrong:
@@ -426,6 +555,8 @@ def check_optimizer_settings(cfg) -> None:
 
 def has_moments(optimizer: str) -> bool:
     """Whether ``optimizer`` keeps Adam's moments m and v (the Adam family)."""
+    from cl_cm import optimizer_options
+
     return "betas" in optimizer_options(optimizer)
 
 
@@ -435,8 +566,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
     range, and the combinations that the benchmark, model, optimizer and
     strategy take): a config that resolves runs."""
     cfg = check_values(cfg)
-    for name, allowed in (("benchmark", BENCHMARKS), ("strategy", tuple(STRATEGIES)),
-                          ("optimizer", tuple(OPTIMIZERS)), ("boundary", BOUNDARIES),
+    for name, allowed in (("benchmark", BENCHMARKS), ("strategy", STRATEGY_NAMES),
+                          ("optimizer", OPTIMIZER_NAMES), ("boundary", BOUNDARIES),
                           ("kappa_schedule", KAPPA_SCHEDULES), ("validation", VALIDATION)):
         check_choice(name, getattr(cfg, name), allowed)
     if cfg.scenario is None:
@@ -450,14 +581,13 @@ def resolve(cfg: RunConfig) -> RunConfig:
 
         cfg = apply_tuned(cfg)
     check_optimizer_settings(cfg)
-    if cfg.optimizer not in BUFFERED_OPTIMIZERS:
+    if not has_buffer(cfg.optimizer):
         changed = [k for k in BUFFER_FIELDS if getattr(cfg, k) != getattr(RunConfig, k)]
         if changed:
             raise ConfigError(f"{', '.join(changed)} only apply to optimizers with a buffer "
-                              f"({', '.join(BUFFERED_OPTIMIZERS)}), not {cfg.optimizer!r}")
+                              f"({', '.join(BUFFERED)}), not {cfg.optimizer!r}")
     if cfg.reset_moments and not has_moments(cfg.optimizer):
         raise ConfigError(f"reset_moments applies to the Adam family, not {cfg.optimizer!r}")
-    from strategies import strategy_options
     takes = strategy_options(cfg.strategy)
     wrong = [k for k, arg in STRATEGY_FIELDS.items() if getattr(cfg, k) is not None and arg not in takes]
     if wrong:
@@ -494,6 +624,8 @@ def optimizer_kwargs(cfg) -> dict[str, Any]:
     """The optimizer's keyword arguments given by ``cfg`` (None: the optimizer's default)."""
     out = {k: getattr(cfg, k) for k in OPTIMIZER_FIELDS if getattr(cfg, k) is not None and k not in OPTIMIZER_ARGUMENT}
     if cfg.beta1 is not None or cfg.beta2 is not None:
+        from cl_cm import optimizer_options
+
         default = optimizer_options(cfg.optimizer)["betas"]
         out["betas"] = (default[0] if cfg.beta1 is None else cfg.beta1, default[1] if cfg.beta2 is None else cfg.beta2)
     return out
@@ -513,7 +645,7 @@ def bench_label(cfg) -> str:
 def policy_label(cfg: RunConfig) -> str:
     """``adam``, ``adam+resetm``, ``adam_cm/keep``, ``adam_cm/decay0.5``, ``adam_cm/shrink0.5min1``..."""
     resetm = "+resetm" if cfg.reset_moments else ""
-    if cfg.optimizer not in BUFFERED_OPTIMIZERS:
+    if not has_buffer(cfg.optimizer):
         return cfg.optimizer + resetm
     label = cfg.boundary + (f"{cfg.factor:g}" if cfg.factor is not None else "")
     if cfg.min_size:
@@ -561,15 +693,41 @@ def provenance(cfg: RunConfig, tuned_keys=()) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------- argparse
+#: what the settings of each group default to, when their own default is None
+GROUP_HELP = {
+    "protocol": "Left unset, each takes the value of the chosen --preset (experiments/protocols/).",
+    "optimizer": "Left unset, each takes the optimizer's own default, shown in parentheses.",
+    "strategy": "Left unset, each takes the strategy's default, shown in parentheses.",
+    "buffer": "At experience boundaries and within each experience. All but --reset-moments apply to the "
+              "optimizers with a buffer: " + ", ".join(BUFFERED) + "; --reset-moments to the Adam family.",
+}
+
+
+def _help_default(value) -> str:
+    """A default as ``--help`` shows it: on/off, a list joined by spaces, else its text."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(str, value))
+    return str(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls=None) -> None:
-    """One flag per field of ``cls`` (default RunConfig), grouped, defaults shown."""
+    """One flag per field of ``cls`` (default RunConfig), grouped, each with
+    its one default (or what a None default means) in its help."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(cls or RunConfig):
         meta = f.metadata
-        group = groups.setdefault(meta["group"], parser.add_argument_group(f"{meta['group']} settings"))
+        if "group" not in meta:
+            continue
+        name = meta["group"]
+        if name not in groups:
+            groups[name] = parser.add_argument_group(f"{name} settings", GROUP_HELP.get(name))
+        group = groups[name]
         flag = "--" + f.name.replace("_", "-")
         kind = _kind(f)
-        help_text = f"{meta['help']} (default: {f.default})"
+        default = meta["shown"] if meta["shown"] is not None else f.default
+        help_text = meta["help"] if default is None else f"{meta['help']} (default: {_help_default(default)})"
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)

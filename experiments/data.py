@@ -512,6 +512,8 @@ def build_model(cfg, bench: Benchmark) -> torch.nn.Module:
     head per experience."""
     from avalanche.models import MTSlimResNet18, SimpleMLP, SlimResNet18
 
+    from .multihead import MultiHeadMLP
+
     if cfg.model == "mlp" and bench.multi_head:
         return MultiHeadMLP(hidden_size=cfg.width, initial_out_features=bench.classes_per_exp)
     if cfg.model == "mlp":
@@ -526,30 +528,12 @@ def build_model(cfg, bench: Benchmark) -> torch.nn.Module:
     raise ValueError(f"unknown model {cfg.model!r}; use mlp, slim_resnet18 or mt_slim_resnet18")
 
 
-def _multi_task_module():
-    from avalanche.models import MultiTaskModule
+def __getattr__(name: str):
+    """``MultiHeadMLP`` (an Avalanche multi-task module, :mod:`experiments.multihead`)
+    is imported on first use, so that this module's loaders need no Avalanche;
+    checkpoints written before it moved still find it here."""
+    if name == "MultiHeadMLP":
+        from .multihead import MultiHeadMLP
 
-    return MultiTaskModule
-
-
-class MultiHeadMLP(_multi_task_module()):
-    """Two hidden layers of ``hidden_size`` ReLU units shared by all tasks, and
-    one linear head per task label (Avalanche's MultiHeadClassifier, a new
-    head for each new task): the multi-head MLP of Hsu et al. (2018)'s
-    incremental-task scenario. No dropout (it would desynchronise data-parallel
-    ranks)."""
-
-    def __init__(self, input_size: int = 28 * 28, hidden_size: int = 400, initial_out_features: int = 2):
-        from avalanche.models import MultiHeadClassifier
-
-        super().__init__()
-        self.input_size = input_size
-        self.features = torch.nn.Sequential(torch.nn.Linear(input_size, hidden_size), torch.nn.ReLU(),
-                                            torch.nn.Linear(hidden_size, hidden_size), torch.nn.ReLU())
-        self.classifier = MultiHeadClassifier(hidden_size, initial_out_features=initial_out_features)
-
-    def forward_single_task(self, x, task_label):
-        return self.classifier(self.features(x.reshape(len(x), self.input_size)), task_label)
-
-    def forward(self, x, task_labels):
-        return self.classifier(self.features(x.reshape(len(x), self.input_size)), task_labels)
+        return MultiHeadMLP
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -186,3 +186,71 @@ def _read_metrics(done: Path) -> dict[str, Any]:
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"{done} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); delete it to "
                           "train that run again") from None
+
+
+class RunKind:
+    """What one kind of run (continual, supervised, toy) declares; :func:`execute`
+    runs every kind through the same life cycle:
+
+    1. ``resolve``: settings completed (presets) and checked, before anything is written;
+    2. ``label``: the name that tells the run apart (in its folder's name, where the
+       kind names folders after it, and in its summary);
+    3. the results folder checked (``folder``), torch's threads set, ``prepare`` (what
+       must exist before a folder is written, e.g. the checkpoint key);
+    4. :func:`managed_run`: ``config.json`` (``settings``, ``protocol``, ``provenance``),
+       ``train``, ``metrics.json``;
+    5. ``summary``: printed on rank 0 unless quiet.
+    """
+
+    #: settings that may differ between a run and its resumption (they do not change results)
+    runtime_keys: tuple[str, ...] = ()
+
+    def resolve(self, cfg):
+        return cfg
+
+    def label(self, cfg) -> str:
+        raise NotImplementedError
+
+    def folder(self, cfg) -> str | Path:
+        """The run's results folder, as given (an empty ``out`` is refused, not read as ".")."""
+        return cfg.out
+
+    def settings(self, cfg) -> dict[str, Any]:
+        return cfg.to_dict()
+
+    def protocol(self, cfg) -> str:
+        return ""
+
+    def provenance(self, cfg) -> dict[str, str] | None:
+        return None
+
+    def prepare(self, cfg) -> None:
+        """Before the folder is written (after it is checked)."""
+
+    def train(self, cfg, out: Path, quiet: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def summary(self, metrics: dict[str, Any], cfg) -> str:
+        raise NotImplementedError
+
+
+def execute(kind: RunKind, cfg, *, quiet: bool = False) -> dict[str, Any]:
+    """Run, resume or just read the run ``cfg`` of ``kind`` (see
+    :class:`RunKind`); return its metrics. Safe to call again after a crash."""
+    from .io import check_out
+    from .launch import rank_and_world
+
+    cfg = kind.resolve(cfg)
+    out = kind.folder(cfg)
+    check_out(out)
+    threads = getattr(cfg, "threads", None)
+    if threads:  # before config.json records the environment
+        import torch
+
+        torch.set_num_threads(threads)
+    kind.prepare(cfg)
+    metrics, _ = managed_run(out, kind.settings(cfg), kind.runtime_keys, kind.protocol(cfg),
+                             lambda folder: kind.train(cfg, folder, quiet), provenance=kind.provenance(cfg))
+    if not quiet and rank_and_world()[0] == 0:
+        print(kind.summary(metrics, cfg))
+    return metrics

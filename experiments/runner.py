@@ -20,38 +20,24 @@ Inf gradients are counted in ``metrics.json`` (``skipped_steps``).
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
 import re
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.optim
-from avalanche.core import SupervisedPlugin
-from avalanche.evaluation import PluginMetric
-from avalanche.evaluation.metric_results import MetricValue
-from tqdm.auto import tqdm
+
+from strategies.checkpointing import iterators_set_aside, optimizers_by_reference, restore_iterators
+from strategies.metrics import TaskILAccuracy
+from strategies.progress import ProgressBars
 
 from . import config as C
 from . import metrics as M
 from .checkpoint import secret_key
-from .io import check_out
 from .launch import default_device, rank_and_world
-from .results import managed_run
-
-# Avalanche's checkpoints pickle the strategy with dill, which finds a class
-# through its module's attribute on the parent package. torch.optim deletes
-# those attributes (torch.optim.sgd, ...), so dill would copy torch's optimizer
-# classes by value and fail; putting the loaded modules back lets it pickle
-# them by reference, as plain pickle does.
-for _name, _module in list(sys.modules.items()):
-    if _name.startswith("torch.optim.") and _name.count(".") == 2 and _module is not None:
-        setattr(torch.optim, _name.rsplit(".", 1)[1], _module)
+from .results import RunKind, execute
 
 ACC_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
 TASK_IL_KEY = re.compile(r"^Top1_TaskIL_Acc_Exp/eval_phase/test_stream/Exp(\d+)$")
@@ -59,63 +45,36 @@ BUFFER_KEY = re.compile(r"^Buffer_(\w+)/train_phase/train_stream/Exp(\d+)$")
 DISTANCE_KEY = re.compile(r"^Distance_(experience|init)/train_phase/train_stream/Exp(\d+)$")
 
 
-class TaskILAccuracy(PluginMetric):
-    """Accuracy with the logits masked to the classes of the evaluated
-    experience: the task-incremental accuracy of a single-head model."""
+class ContinualRun(RunKind):
+    """``cl-cm run``: one continual-learning run (:class:`experiments.config.RunConfig`)."""
 
-    def __init__(self):
-        super().__init__()
-        self.correct = self.total = 0
+    runtime_keys = C.RUNTIME_FIELDS
 
-    def reset(self):
-        self.correct = self.total = 0
+    def __init__(self, on_experience=None):
+        self.on_experience = on_experience  # called with (experiences done, total) as they are checkpointed
 
-    def result(self):
-        return self.correct / self.total if self.total else math.nan
+    def resolve(self, cfg):
+        return C.resolve(cfg)
 
-    def before_eval_exp(self, strategy):
-        self.reset()
+    def label(self, cfg) -> str:
+        return C.run_label(cfg)
 
-    def after_eval_iteration(self, strategy):
-        classes = torch.tensor(sorted(strategy.experience.classes_in_this_experience),
-                               device=strategy.mb_output.device)
-        pred = classes[strategy.mb_output[:, classes].argmax(dim=1)]
-        self.correct += int((pred == strategy.mb_y).sum())
-        self.total += len(strategy.mb_y)
+    def protocol(self, cfg) -> str:
+        return C.protocol(cfg.benchmark, cfg.preset)["_description"]
 
-    def after_eval_exp(self, strategy):
-        name = f"Top1_TaskIL_Acc_Exp/eval_phase/test_stream/Exp{strategy.experience.current_experience:03d}"
-        return [MetricValue(self, name, self.result(), strategy.clock.train_iterations)]
+    def provenance(self, cfg) -> dict[str, str]:
+        from .tuning import tuned_keys
 
-    def __str__(self):
-        return "Top1_TaskIL_Acc_Exp"
+        return C.provenance(cfg, tuned_keys(cfg))
 
+    def prepare(self, cfg) -> None:
+        secret_key()  # the checkpoint key, made or read before anything is written
 
-class ProgressBars(SupervisedPlugin):
-    """A tqdm bar per experience, over its training iterations (off when not
-    on a terminal)."""
+    def train(self, cfg, out: Path, quiet: bool) -> dict[str, Any]:
+        return _train(cfg, out, quiet, self.on_experience)
 
-    def __init__(self, enabled: bool, n_experiences: int):
-        super().__init__()
-        self.enabled, self.n_experiences, self.bar = enabled, n_experiences, None
-
-    def before_training_exp(self, strategy, **kw):
-        total = len(strategy.dataloader) * strategy.train_epochs
-        k = strategy.experience.current_experience
-        self.bar = tqdm(total=total, desc=f"experience {k + 1}/{self.n_experiences}", unit="it", leave=False,
-                        disable=None if self.enabled else True, dynamic_ncols=True)
-
-    def after_training_iteration(self, strategy, **kw):
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def after_training_exp(self, strategy, **kw):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def __getstate__(self):  # a checkpoint never holds a live bar
-        return {**self.__dict__, "bar": None}
+    def summary(self, metrics: dict[str, Any], cfg) -> str:
+        return render_summary(metrics, cfg)
 
 
 def run(cfg: C.RunConfig, *, quiet: bool = False, on_experience=None) -> dict[str, Any]:
@@ -123,20 +82,7 @@ def run(cfg: C.RunConfig, *, quiet: bool = False, on_experience=None) -> dict[st
     ``cfg.out``; return its metrics. Safe to call again after a crash.
     ``on_experience(done, total)`` is called after each experience is
     checkpointed (and once on resuming, with the experiences done before)."""
-    cfg = C.resolve(cfg)
-    if cfg.threads:  # before config.json records the environment
-        torch.set_num_threads(cfg.threads)
-    from .tuning import tuned_keys
-
-    check_out(cfg.out)
-    secret_key()  # the checkpoint key, made or read before anything is written
-    metrics, _ = managed_run(cfg.out, cfg.to_dict(), C.RUNTIME_FIELDS,
-                             C.protocol(cfg.benchmark, cfg.preset)["_description"],
-                             lambda out: _train(cfg, out, quiet, on_experience),
-                             provenance=C.provenance(cfg, tuned_keys(cfg)))
-    if not quiet and rank_and_world()[0] == 0:
-        print(render_summary(metrics, cfg))
-    return metrics
+    return execute(ContinualRun(on_experience), cfg, quiet=quiet)
 
 
 def _train(cfg: C.RunConfig, out: Path, quiet: bool, on_experience=None) -> dict[str, Any]:
@@ -147,6 +93,8 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool, on_experience=None) -> dict
     from strategies import (BatchedLoadingPlugin, BufferStatsMetric, CriticalMomentaPlugin, DataParallelPlugin,
                             FiniteLossPlugin, ParameterDistanceMetric, ResetMomentsPlugin, SelectiveEvaluationPlugin,
                             avalanche_as_single_process, make_optimizer, make_strategy, skipped_steps)
+
+    from cl_cm import has_buffer
 
     from .checkpoint import Checkpoints
     from .data import build_benchmark, build_model
@@ -162,7 +110,7 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool, on_experience=None) -> dict
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), **C.optimizer_kwargs(cfg))
     plugins = [ProgressBars(cfg.progress and not quiet, bench.n_experiences), BatchedLoadingPlugin(),
                FiniteLossPlugin()]
-    if cfg.optimizer in C.BUFFERED_OPTIMIZERS:
+    if has_buffer(cfg.optimizer):
         plugins.insert(0, CriticalMomentaPlugin(cfg.boundary, cfg.factor, cfg.min_size, cfg.kappa_schedule,
                                                 cfg.kappa_start, cfg.kappa_end))
     if cfg.reset_moments:
@@ -179,10 +127,11 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool, on_experience=None) -> dict
         strategy = make_strategy(cfg.strategy, model, optimizer, train_mb_size=cfg.batch_size,
                                  train_epochs=cfg.epochs, eval_mb_size=cfg.eval_batch_size, device=device,
                                  plugins=plugins, evaluator=evaluator, **C.strategy_kwargs(cfg))
+        optimizers_by_reference()
         checkpoints = Checkpoints(out, "checkpoint.pkl")
         strategy, start = checkpoints.load(lambda f: maybe_load_checkpoint(strategy, f, map_location=device)) \
             or (strategy, 0)
-        _restore_iterators(strategy)
+        restore_iterators(strategy)
         progress = getattr(strategy, "cl_cm_progress", None) or {"accuracy": [], "accuracy_task_il": [],
                                                                    "train_seconds": [], "sharpness": []}
         progress.setdefault("skipped_steps", [])
@@ -203,47 +152,11 @@ def _train(cfg: C.RunConfig, out: Path, quiet: bool, on_experience=None) -> dict
                 progress["sharpness"].append(_sharpness_row(cfg, strategy, scenario, k))
             strategy.cl_cm_progress = progress
             if rank == 0:
-                with _iterators_set_aside(strategy):
+                with iterators_set_aside(strategy):
                     checkpoints.save(lambda f: save_checkpoint(strategy, f))
             if on_experience:
                 on_experience(k + 1, bench.n_experiences)
     return _collect(cfg, bench, progress, strategy.evaluator)  # the evaluator of a resumed run is the loaded one
-
-
-# Plugins that keep an iterator over a loader of theirs: (iterator, loader).
-# A-GEM draws its memory batches from ``buffer_dliter = iter(buffer_dataloader)``,
-# a generator, which pickle cannot copy.
-_PLUGIN_ITERATORS = (("buffer_dliter", "buffer_dataloader"),)
-
-
-@contextlib.contextmanager
-def _iterators_set_aside(strategy):
-    """Checkpoint without the plugins' iterators. They are recreated on
-    loading (:func:`_restore_iterators`), which is exact only for an iterator
-    not started yet, as A-GEM's is after an experience (it makes a new one in
-    ``after_training_exp``); a started one is refused rather than restarted."""
-    aside = []
-    for plugin in strategy.plugins:
-        for name, _ in _PLUGIN_ITERATORS:
-            value = getattr(plugin, name, None)
-            if inspect.isgenerator(value):
-                if inspect.getgeneratorstate(value) != inspect.GEN_CREATED:
-                    raise RuntimeError(f"{type(plugin).__name__}.{name} has been started; a checkpoint cannot "
-                                       "restore its position")
-                aside.append((plugin, name, value))
-                setattr(plugin, name, None)
-    try:
-        yield
-    finally:
-        for plugin, name, value in aside:
-            setattr(plugin, name, value)
-
-
-def _restore_iterators(strategy) -> None:
-    for plugin in strategy.plugins:
-        for name, loader in _PLUGIN_ITERATORS:
-            if hasattr(plugin, name) and getattr(plugin, name) is None and getattr(plugin, loader, None) is not None:
-                setattr(plugin, name, iter(getattr(plugin, loader)))
 
 
 def _row(results: dict, pattern: re.Pattern, n: int) -> list[float]:

@@ -84,11 +84,11 @@ def _settings(path: Path) -> dict[str, Any]:
         top = best.get("top", 3)
         if isinstance(top, bool) or not isinstance(top, int) or top < 1:
             raise C.ConfigError(f"{path}: [study] best_of top must be an integer >= 1, got {top!r}")
-        optimizers = best.get("optimizer", list(C.BUFFERED_OPTIMIZERS))
+        optimizers = best.get("optimizer", list(C.BUFFERED))
         if not isinstance(optimizers, list) or not optimizers:
             raise C.ConfigError(f"{path}: [study] best_of optimizer must be a non-empty list, got {optimizers!r}")
         for name_ in optimizers:
-            C.check_choice("optimizer in [study] best_of", name_, C.BUFFERED_OPTIMIZERS)
+            C.check_choice("optimizer in [study] best_of", name_, C.BUFFERED)
     return {"spec": spec, "name": name, "seeds": seeds, "quick": quick, "best_of": best}
 
 
@@ -101,7 +101,7 @@ def arm_grid(cfg: C.RunConfig, base: dict[str, Any]) -> dict[str, list]:
     plain = C.from_mapping(base, "[base]")
     grid = {f.name: [getattr(cfg, f.name)] for f in dataclasses.fields(cfg)
             if f.name not in skip and getattr(cfg, f.name) != getattr(plain, f.name)}
-    if cfg.optimizer in C.BUFFERED_OPTIMIZERS:
+    if cfg.optimizer in C.BUFFERED:
         grid["boundary"] = [cfg.boundary + (f":{cfg.factor:g}" if cfg.factor is not None else "")
                             + (f":{cfg.min_size}" if cfg.min_size else "")]
     return grid
@@ -121,7 +121,7 @@ def _tune_spec(info: dict[str, Any], out: Path, quick: bool, overrides) -> dict[
         C.check_keys(best, "[study] best_of", allowed=("study", "optimizer", "top"))
         source = out / "tuning" / best["study"] / "tuned.toml"
         ranked = sorted((a for a in load_tuned(source)
-                         if a["settings"]["optimizer"] in best.get("optimizer", C.BUFFERED_OPTIMIZERS)),
+                         if a["settings"]["optimizer"] in best.get("optimizer", C.BUFFERED)),
                         key=lambda a: -a["validation_acc"])
         strategies = sorted({a.cfg.strategy for a in arms})
         space = arms[0].space

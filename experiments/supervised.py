@@ -27,53 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from strategies import OPTIMIZERS, make_optimizer
+from cl_cm import buffered, make_optimizer, skipped_steps
+from strategies.errors import NonFiniteLossError
 
 from . import config as C
-from .config import OptimizerSettings, RuntimeSettings, _f
+from .config import IMAGE_PROTOCOL, LM_PROTOCOL, TASKS, SupervisedConfig  # noqa: F401 (re-exported)
 from .launch import rank_and_world
-from .results import managed_run
+from .results import RunKind, execute
 
-TASKS = ("cifar10", "cifar100", "ptb")
-IMAGE_PROTOCOL = ("epochs", "batch_size", "model", "width", "train_per_class", "test_per_class", "augment",
-                  "lr_schedule", "sharpness_samples")
-LM_PROTOCOL = ("epochs", "batch_size", "model", "width", "layers", "dropout", "bptt", "clip",
-               "max_train_tokens", "lr_schedule")
-
-
-@dataclass
-class SupervisedConfig(OptimizerSettings, RuntimeSettings):
-    """Every setting of ``cl-cm supervised``."""
-
-    task: str = _f("cifar10", "supervised benchmark", "run", TASKS)
-    optimizer: str = _f("adam", "optimizer", "run", tuple(OPTIMIZERS))
-    preset: str = _f("cpu", "protocol preset (smoke, cpu, paper, ...): see experiments/protocols/<task>.toml",
-                     "run")
-    seed: int = _f(0, "seed of initialisation, data order, augmentation and dropout", "run")
-    # ---- protocol (default: the preset's value)
-    epochs: int | None = _f(None, "training epochs", "protocol")
-    batch_size: int | None = _f(None, "mini-batch size (PTB: parallel token streams)", "protocol")
-    model: str | None = _f(None, "slim_resnet18, resnet34 (CIFAR) or lstm (PTB)", "protocol")
-    width: int | None = _f(None, "base channels (ResNets) or hidden units (LSTM)", "protocol")
-    train_per_class: int | None = _f(None, "CIFAR training images per class (0: all)", "protocol")
-    test_per_class: int | None = _f(None, "CIFAR test images per class (0: all)", "protocol")
-    augment: bool | None = _f(None, "CIFAR random crop and flip", "protocol")
-    lr_schedule: str | None = _f(None, "cosine (to 0 over training) or constant", "protocol")
-    layers: int | None = _f(None, "LSTM layers", "protocol")
-    dropout: float | None = _f(None, "LSTM dropout", "protocol")
-    bptt: int | None = _f(None, "truncated backpropagation length (tokens)", "protocol")
-    clip: float | None = _f(None, "gradient-norm clipping (0: none)", "protocol")
-    max_train_tokens: int | None = _f(None, "PTB training tokens used (0: all)", "protocol")
-    sharpness_samples: int | None = _f(None, "CIFAR training images for the final top Hessian eigenvalue "
-                                       "(0: skip)", "protocol")
-    # ---- measurements
-    stats_every: int = _f(25, "iterations between two buffer-statistics records", "run")
-
-
-#: valid values of the settings of a supervised run (see :data:`experiments.config.VALID`)
-VALID = {**C.VALID, "model": ("slim_resnet18", "resnet34", "lstm"), "lr_schedule": ("cosine", "constant"),
-         "layers": C.AT_LEAST_ONE, "dropout": C.BELOW_ONE, "bptt": C.AT_LEAST_ONE, "clip": C.NON_NEGATIVE,
-         "max_train_tokens": C.NON_NEGATIVE, "sharpness_samples": C.NON_NEGATIVE, "stats_every": C.AT_LEAST_ONE}
+#: the settings of a supervised run and their valid values are declared with every other setting
+VALID = C.SUPERVISED_VALID
 
 
 def resolve(cfg: SupervisedConfig) -> SupervisedConfig:
@@ -83,7 +46,7 @@ def resolve(cfg: SupervisedConfig) -> SupervisedConfig:
     if cfg.tuned is not None:
         raise C.ConfigError("tuned applies to continual-learning runs (cl-cm run, sweep), not to cl-cm supervised; "
                             "give the chosen values as settings")
-    C.check_choice("optimizer", cfg.optimizer, tuple(OPTIMIZERS))
+    C.check_choice("optimizer", cfg.optimizer, C.OPTIMIZER_NAMES)
     cfg = C.fill_protocol(cfg, cfg.task, LM_PROTOCOL if cfg.task == "ptb" else IMAGE_PROTOCOL)
     cfg = C.check_values(cfg, VALID)
     if (cfg.model == "lstm") != (cfg.task == "ptb"):
@@ -103,21 +66,30 @@ def label(cfg: SupervisedConfig) -> str:
                                        for k, v in sorted(extra.items())])
 
 
+class SupervisedRun(RunKind):
+    """``cl-cm supervised``: one model, one optimizer, one seed (:class:`experiments.config.SupervisedConfig`)."""
+
+    runtime_keys = C.RUNTIME_FIELDS + ("stats_every",)
+
+    def resolve(self, cfg):
+        return resolve(cfg)
+
+    def label(self, cfg) -> str:
+        return label(cfg)
+
+    def protocol(self, cfg) -> str:
+        return C.protocol(cfg.task, cfg.preset, LM_PROTOCOL if cfg.task == "ptb" else IMAGE_PROTOCOL)["_description"]
+
+    def train(self, cfg, out: Path, quiet: bool) -> dict[str, Any]:
+        return (_train_language_model if cfg.task == "ptb" else _train_images)(cfg, out, quiet)
+
+    def summary(self, metrics: dict[str, Any], cfg) -> str:
+        return summary(metrics)
+
+
 def run(cfg: SupervisedConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Run, resume or read the run of ``cfg`` in ``cfg.out``."""
-    cfg = resolve(cfg)
-    from .io import check_out
-
-    check_out(cfg.out)
-    if cfg.threads:  # before config.json records the environment
-        torch.set_num_threads(cfg.threads)
-    train = _train_language_model if cfg.task == "ptb" else _train_images
-    metrics, _ = managed_run(cfg.out, cfg.to_dict(), C.RUNTIME_FIELDS + ("stats_every",),
-                             C.protocol(cfg.task, cfg.preset, LM_PROTOCOL if cfg.task == "ptb" else IMAGE_PROTOCOL)
-                             ["_description"], lambda out: train(cfg, out, quiet))
-    if not quiet and rank_and_world()[0] == 0:
-        print(summary(metrics))
-    return metrics
+    return execute(SupervisedRun(), cfg, quiet=quiet)
 
 
 def summary(m: dict[str, Any]) -> str:
@@ -152,7 +124,7 @@ class _Training:
         total = cfg.epochs * iters_per_epoch
         self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total)
                       if cfg.lr_schedule == "cosine" else None)
-        self.buffered = hasattr(getattr(self.opt, "base_optimizer", self.opt), "buffer_stats")
+        self.buffered = buffered(self.opt)  # the optimizer holding the buffer, or None
         from .checkpoint import Checkpoints
 
         # plain tensors, loaded with weights_only=True (which never runs code): no authentication tag needed
@@ -187,8 +159,8 @@ class _Training:
             self.sched.step()
         self.state["iteration"] += 1
         it = self.state["iteration"]
-        if self.buffered and it % self.cfg.stats_every == 0:
-            stats = getattr(self.opt, "base_optimizer", self.opt).buffer_stats()
+        if self.buffered is not None and it % self.cfg.stats_every == 0:
+            stats = self.buffered.buffer_stats()
             self.state["buffer_series"].append({"iteration": it, **{k: float(v) for k, v in stats.items()}})
         return float(loss)
 
@@ -204,8 +176,6 @@ class _Training:
         return self.world / global_count
 
     def end_epoch(self, epoch: int, record: dict) -> None:
-        from strategies import NonFiniteLossError, skipped_steps
-
         if not math.isfinite(record["train_loss"]):
             lr = ", ".join(f"{g['lr']:g}" for g in self.opt.param_groups)
             raise NonFiniteLossError(f"the training loss became NaN or Inf in epoch {epoch + 1} with learning rate "
@@ -287,12 +257,10 @@ def image_model(model: str, width: int, classes: int) -> nn.Module:
     """slim_resnet18: ResNet-18 for 32×32 images with ``width`` base channels
     (64: the standard CIFAR ResNet-18; 20: the reduced one of GEM); resnet34:
     the same with [3, 4, 6, 3] blocks."""
-    from avalanche.models.slim_resnet18 import BasicBlock, ResNet
+    from .models import RESNETS, CifarResNet
 
-    if model == "slim_resnet18":
-        return ResNet(BasicBlock, [2, 2, 2, 2], classes, width)
-    if model == "resnet34":
-        return ResNet(BasicBlock, [3, 4, 6, 3], classes, width)
+    if model in RESNETS:
+        return CifarResNet(RESNETS[model], classes, width)
     raise C.ConfigError(f"unknown image model {model!r}; use slim_resnet18 or resnet34")
 
 

@@ -113,7 +113,7 @@ def _expand_grid(base: C.RunConfig, grid: dict[str, Any]) -> list[C.RunConfig]:
     cells = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         cfg = dataclasses.replace(base, **dict(zip(keys, combo)))
-        for policy in (policies if cfg.optimizer in C.BUFFERED_OPTIMIZERS else [{}]):
+        for policy in (policies if cfg.optimizer in C.BUFFERED else [{}]):
             cells.append(C.resolve(dataclasses.replace(cfg, **policy)))
     return cells
 

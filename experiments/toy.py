@@ -28,16 +28,15 @@ share one).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from strategies import make_optimizer
+from cl_cm import make_optimizer
 
-LANDSCAPES = ("goldstein_price", "ackley", "sharp_wide")
-TOY_OPTIMIZERS = ("adam", "adam_cg", "adam_sam", "adam_cm")
+from .config import LANDSCAPES, TOY_OPTIMIZERS, ToyConfig  # noqa: F401 (re-exported; the settings' home)
+from .results import RunKind
 
 
 def goldstein_price(p: torch.Tensor) -> torch.Tensor:
@@ -59,44 +58,6 @@ def sharp_wide(p: torch.Tensor, sharpness: float = 0.3) -> torch.Tensor:
     d_a = ((p - a) ** 2).sum(-1)
     d_b = ((p - b) ** 2).sum(-1)
     return 1 - torch.exp(-d_a / (2 * sharpness**2)) - torch.exp(-d_b / (2 * 1.5**2)) + 0.002 * d_b
-
-
-@dataclass
-class ToyConfig:
-    landscape: str = "sharp_wide"
-    sharpness: float = 0.3
-    optimizers: tuple[str, ...] = TOY_OPTIMIZERS
-    starts: int = 100
-    steps: int = 300
-    lr: float = 0.05
-    rho: float = 0.05
-    seed: int = 0
-    extra: dict = field(default_factory=dict)   # optimizer settings, e.g. {"kappa": 2.0}
-
-
-def check_toy(args) -> None:
-    """The settings of ``cl-cm toy`` (an argparse namespace), each of its type
-    and in its range; raises :class:`~experiments.config.ConfigError`."""
-    from strategies import OPTIMIZERS
-
-    from . import config as C
-
-    def number(flag, value, rule, integer=False):
-        if not C.is_number(value, integer) or not rule.admits(value):
-            raise C.ConfigError(f"{flag} must be {rule.describe(integer)}, got {value!r}")
-
-    number("--starts", args.starts, C.AT_LEAST_ONE, integer=True)
-    number("--steps", args.steps, C.AT_LEAST_ONE, integer=True)
-    number("--lr", args.lr, C.POSITIVE)
-    number("--rho", args.rho, C.NON_NEGATIVE)
-    for s in args.sharpness:
-        number("--sharpness", s, C.POSITIVE)
-    for seed in args.seeds:
-        number("--seeds", seed, C.VALID["seed"], integer=True)
-    for name in args.optimizers:
-        C.check_choice("optimizer (--optimizers)", name, tuple(OPTIMIZERS))
-    for name in args.landscapes:
-        C.check_choice("landscape (--landscapes)", name, LANDSCAPES)
 
 
 def landscape_fn(cfg: ToyConfig) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -181,7 +142,7 @@ def run_toy(cfg: ToyConfig, keep_trajectories: int = 8) -> dict:
                 trajectories.append(path[:: max(1, cfg.steps // 100)].tolist())
         finals = torch.stack(finals)
         if not torch.isfinite(f(finals)).all():
-            from strategies import NonFiniteLossError
+            from strategies.errors import NonFiniteLossError
 
             raise NonFiniteLossError(f"{name} on {cfg.landscape}: the loss became NaN or Inf with learning rate "
                                      f"{cfg.lr:g}; lower --lr")
@@ -237,3 +198,33 @@ def plot_toy(result: dict, path: str | Path) -> None:
                  f"(dot: start, cross: end), lr {cfg.lr:g}, {cfg.steps} steps", fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+class ToyRun(RunKind):
+    """``cl-cm toy``: one landscape, sharpness and seed (:class:`ToyConfig`),
+    in ``<out>/<label>/seed<S>``, through :func:`experiments.results.execute`."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+
+    def label(self, cfg: ToyConfig) -> str:
+        return cfg.landscape + (f"-s{cfg.sharpness:g}" if cfg.landscape == "sharp_wide" else "")
+
+    def folder(self, cfg: ToyConfig) -> Path:
+        return self.out / self.label(cfg) / f"seed{cfg.seed}"
+
+    def settings(self, cfg: ToyConfig) -> dict:
+        return {**cfg.__dict__, "optimizers": list(cfg.optimizers)}
+
+    def protocol(self, cfg: ToyConfig) -> str:
+        return f"toy landscape {cfg.landscape}"
+
+    def train(self, cfg: ToyConfig, out: Path, quiet: bool) -> dict:
+        result = run_toy(cfg)
+        plot_toy(result, out / "trajectories.png")
+        return result
+
+    def summary(self, metrics: dict, cfg: ToyConfig) -> str:
+        return f"{self.label(cfg)} seed {cfg.seed}: " + ", ".join(
+            f"{k} escape {100 * v['escape_ratio']:.0f}% loss {v['mean_final_loss']:.3g} "
+            f"travelled {v['mean_travelled']:.2f}" for k, v in metrics["results"].items())

@@ -1,22 +1,58 @@
 """Avalanche integration of cl_cm: Adam+CM in any Avalanche strategy.
 
 ``from strategies import CriticalMomentaPlugin``
+
+Each name is imported on first use, so that :mod:`strategies.names` (the
+strategies and buffer policies by name) and :mod:`strategies.errors` are
+available without importing torch or Avalanche.
 """
-from .batched_loading import BatchedLoadingPlugin
-from .critical_momenta import BOUNDARIES, KAPPA_SCHEDULES, CriticalMomentaPlugin, buffered_optimizer, kappa_at
-from .data_parallel import DataParallelPlugin, avalanche_as_single_process
-from .evaluation import SelectiveEvaluationPlugin
-from .finite_loss import FiniteLossPlugin, NonFiniteLossError, skipped_steps
-from .factory import (COMMON_STRATEGY_ARGS, OPTIMIZERS, STRATEGIES, make_optimizer, make_strategy,
-                      optimizer_options, strategy_options)
-from .metrics import BUFFER_STAT_KEYS, BufferStatsMetric, ParameterDistanceMetric, buffer_metrics
-from .moments import ResetMomentsPlugin, reset_moments
-from .sam import SAMPlugin
+from __future__ import annotations
+
+import importlib
+
+#: public name -> the module that defines it (a submodule, or cl_cm)
+_HOMES = {
+    "BatchedLoadingPlugin": "batched_loading",
+    "CriticalMomentaPlugin": "critical_momenta", "buffered_optimizer": "critical_momenta",
+    "kappa_at": "critical_momenta",
+    "BOUNDARIES": "names", "KAPPA_SCHEDULES": "names", "COMMON_STRATEGY_ARGS": "names",
+    "strategy_options": "names",
+    "DataParallelPlugin": "data_parallel", "avalanche_as_single_process": "data_parallel",
+    "SelectiveEvaluationPlugin": "evaluation",
+    "FiniteLossPlugin": "finite_loss", "skipped_steps": "finite_loss",
+    "NonFiniteLossError": "errors",
+    "STRATEGIES": "factory", "make_strategy": "factory",
+    "OPTIMIZERS": "cl_cm", "make_optimizer": "cl_cm", "optimizer_options": "cl_cm",  # the optimizers' home
+    "BUFFER_STAT_KEYS": "metrics", "BufferStatsMetric": "metrics", "ParameterDistanceMetric": "metrics",
+    "TaskILAccuracy": "metrics", "buffer_metrics": "metrics",
+    "ResetMomentsPlugin": "moments", "reset_moments": "moments",
+    "SAMPlugin": "sam",
+    "ProgressBars": "progress",
+}
 
 __all__ = [
     "CriticalMomentaPlugin", "SAMPlugin", "ResetMomentsPlugin", "reset_moments", "ParameterDistanceMetric",
     "BatchedLoadingPlugin", "SelectiveEvaluationPlugin", "DataParallelPlugin", "avalanche_as_single_process",
-    "BufferStatsMetric", "buffer_metrics", "make_strategy", "FiniteLossPlugin", "NonFiniteLossError", "skipped_steps",
-    "make_optimizer", "optimizer_options", "strategy_options", "kappa_at", "buffered_optimizer",
-    "BOUNDARIES", "KAPPA_SCHEDULES", "BUFFER_STAT_KEYS", "OPTIMIZERS", "STRATEGIES", "COMMON_STRATEGY_ARGS",
+    "BufferStatsMetric", "TaskILAccuracy", "buffer_metrics", "make_strategy", "FiniteLossPlugin",
+    "NonFiniteLossError", "skipped_steps", "ProgressBars", "make_optimizer", "optimizer_options",
+    "strategy_options", "kappa_at", "buffered_optimizer", "BOUNDARIES", "KAPPA_SCHEDULES", "BUFFER_STAT_KEYS",
+    "OPTIMIZERS", "STRATEGIES", "COMMON_STRATEGY_ARGS",
 ]
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        try:  # a submodule: strategies.checkpointing, ...
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(home if home == "cl_cm" else f"{__name__}.{home}"), name)
+    globals()[name] = value  # found once
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -11,8 +11,7 @@ from avalanche.core import SupervisedPlugin
 
 from cl_cm import CriticalBufferOptimizer, buffered
 
-BOUNDARIES = ("keep", "reset", "decay", "shrink")
-KAPPA_SCHEDULES = ("constant", "linear", "cosine")
+from .names import BOUNDARIES, KAPPA_SCHEDULES
 
 
 def kappa_at(schedule: str, start: float, end: float, progress: float) -> float:

@@ -9,6 +9,7 @@ from torch import nn
 
 from cl_cm import OPTIMIZERS, SAM, make_optimizer, optimizer_options  # noqa: F401 (re-exported)
 
+from .names import COMMON_STRATEGY_ARGS, STRATEGY_NAMES, STRATEGY_OPTIONS, check_strategy, strategy_options
 from .sam import SAMPlugin
 
 
@@ -19,34 +20,13 @@ __all__ = ["OPTIMIZERS", "make_optimizer", "optimizer_options", "STRATEGIES", "C
 
 
 # ------------------------------------------------------------------ strategies
-#: name -> (Avalanche strategy class, its own hyperparameters with their defaults)
+#: name -> (Avalanche strategy class, its own hyperparameters with their defaults; see strategies.names)
 STRATEGIES: dict[str, tuple[type, dict[str, Any]]] = {
-    "naive": (Naive, {}),
-    "ewc": (EWC, {"ewc_lambda": 1.0, "mode": "separate", "decay_factor": None}),
-    "si": (SynapticIntelligence, {"si_lambda": 1.0, "eps": 1e-7}),
-    "lwf": (LwF, {"alpha": 1.0, "temperature": 2.0}),
-    "replay": (Replay, {"mem_size": 200}),
-    "gem": (GEM, {"patterns_per_exp": 64, "memory_strength": 0.5}),
-    "agem": (AGEM, {"patterns_per_exp": 64, "sample_size": 64}),
-}
-
-#: arguments every strategy takes, with make_strategy's defaults
-COMMON_STRATEGY_ARGS: dict[str, Any] = {
-    "criterion": None,          # CrossEntropyLoss()
-    "train_mb_size": 32,
-    "train_epochs": 1,
-    "eval_mb_size": 256,
-    "device": None,             # Avalanche's default: "cpu"
-    "plugins": None,
-    "evaluator": None,          # Avalanche's default evaluator
-    "eval_every": -1,
-}
-
-
-def strategy_options(name: str) -> dict[str, Any]:
-    """The keyword arguments of strategy ``name`` with make_strategy's defaults."""
-    _, own = _lookup(STRATEGIES, name, "strategy")
-    return {**COMMON_STRATEGY_ARGS, **own}
+    name: (cls, STRATEGY_OPTIONS[name]) for name, cls in (
+        ("naive", Naive), ("ewc", EWC), ("si", SynapticIntelligence), ("lwf", LwF), ("replay", Replay),
+        ("gem", GEM), ("agem", AGEM))}
+if tuple(STRATEGIES) != STRATEGY_NAMES:
+    raise ImportError("strategies.names and strategies.factory disagree on the strategies")
 
 
 def make_strategy(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs):
@@ -57,7 +37,7 @@ def make_strategy(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
     :class:`cl_cm.SAM` optimizer gets a :class:`~strategies.SAMPlugin` added to
     ``plugins``. GEM needs the ``quadprog`` package (a dependency of cl_cm).
     """
-    cls, _ = _lookup(STRATEGIES, name, "strategy")
+    cls, _ = STRATEGIES[check_strategy(name)]
     options = strategy_options(name)
     _check_kwargs(f"make_strategy({name!r})", kwargs, options)
     args = {**options, **kwargs}
@@ -71,13 +51,6 @@ def make_strategy(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
         if args[key] is None:
             del args[key]
     return cls(model=model, optimizer=optimizer, **args)
-
-
-def _lookup(table: dict, name: str, kind: str):
-    key = name.lower() if isinstance(name, str) else name
-    if key not in table:
-        raise ValueError(f"Unknown {kind} {name!r}; choose one of {', '.join(table)}.")
-    return table[key]
 
 
 def _check_kwargs(where: str, kwargs: dict, allowed: dict) -> None:

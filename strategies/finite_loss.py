@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from avalanche.core import SupervisedPlugin
 
+from cl_cm.registry import skipped_steps  # noqa: F401 (re-exported)
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or Inf: the run's results would be meaningless."""
+from .errors import NonFiniteLossError
 
 
 class FiniteLossPlugin(SupervisedPlugin):
@@ -47,11 +47,3 @@ class FiniteLossPlugin(SupervisedPlugin):
                 f"the training loss became NaN or Inf in experience {strategy.clock.train_exp_counter} "
                 f"(epoch {self._epoch}) with learning rate {lr}; the run stopped, since its "
                 "numbers would be meaningless. Lower the learning rate (or check the data and settings)")
-
-
-def skipped_steps(optimizer) -> int:
-    """Optimizer steps skipped for NaN/Inf gradients: ``skipped_steps`` of a
-    cl_cm optimizer (AdamCM, AdamCG) and of a SAM wrapper with its base
-    optimizer; 0 for torch's optimizers, which never skip a step."""
-    base = getattr(optimizer, "base_optimizer", None)
-    return int(getattr(optimizer, "skipped_steps", 0)) + (int(getattr(base, "skipped_steps", 0)) if base else 0)

@@ -1,5 +1,8 @@
-"""Buffer statistics as Avalanche metrics, so they reach Avalanche's loggers."""
+"""Buffer statistics, parameter distances and task-incremental accuracy as
+Avalanche metrics, so they reach Avalanche's loggers."""
 from __future__ import annotations
+
+import math
 
 from avalanche.evaluation import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
@@ -130,3 +133,40 @@ class ParameterDistanceMetric(PluginMetric):
 
     def __str__(self) -> str:
         return "ParameterDistance"
+
+
+class TaskILAccuracy(PluginMetric):
+    """Accuracy with the logits masked to the classes of the evaluated
+    experience: the task-incremental accuracy of a single-head model (van de
+    Ven & Tolias 2019, "Three scenarios for continual learning": task-IL
+    evaluation of a class-IL model). One value per evaluated experience,
+    named ``Top1_TaskIL_Acc_Exp/eval_phase/test_stream/ExpNNN``."""
+
+    def __init__(self):
+        super().__init__()
+        self.correct = self.total = 0
+
+    def reset(self):
+        self.correct = self.total = 0
+
+    def result(self):
+        return self.correct / self.total if self.total else math.nan
+
+    def before_eval_exp(self, strategy):
+        self.reset()
+
+    def after_eval_iteration(self, strategy):
+        import torch
+
+        classes = torch.tensor(sorted(strategy.experience.classes_in_this_experience),
+                               device=strategy.mb_output.device)
+        pred = classes[strategy.mb_output[:, classes].argmax(dim=1)]
+        self.correct += int((pred == strategy.mb_y).sum())
+        self.total += len(strategy.mb_y)
+
+    def after_eval_exp(self, strategy):
+        name = f"Top1_TaskIL_Acc_Exp/eval_phase/test_stream/Exp{strategy.experience.current_experience:03d}"
+        return [MetricValue(self, name, self.result(), strategy.clock.train_iterations)]
+
+    def __str__(self):
+        return "Top1_TaskIL_Acc_Exp"

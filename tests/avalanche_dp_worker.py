@@ -20,6 +20,7 @@ from avalanche.models import MultiHeadClassifier, MultiTaskModule, SimpleMLP
 from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
 
+from cl_cm import has_buffer
 from strategies import DataParallelPlugin, avalanche_as_single_process, make_optimizer, make_strategy
 from tests.fakedata import write_mnist
 
@@ -63,8 +64,8 @@ def train(root, case, parallel: bool, seed: int = 0, extra_plugins=()):
                        fixed_class_order=list(range(10)))
     model = (MultiHeadMLP() if multi_head else nn.Sequential(
         ToDouble(), SimpleMLP(num_classes=10, input_size=784, hidden_size=32, hidden_layers=1, drop_rate=0.0)))
-    opt = make_optimizer(optimizer, model.parameters(), lr=1e-2, **({"buffer_size": 3} if "cm" in optimizer
-                                                                    or "cg" in optimizer else {}))
+    opt = make_optimizer(optimizer, model.parameters(), lr=1e-2, **({"buffer_size": 3} if has_buffer(optimizer)
+                                                                    else {}))
     plugins = list(extra_plugins) + ([DataParallelPlugin()] if parallel else [])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -14,7 +14,7 @@ from avalanche.models import IncrementalClassifier, MTSimpleMLP, SimpleMLP
 from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
 
-from cl_cm import SAM, AdamCG, AdamCM
+from cl_cm import SAM, AdamCG, AdamCM, buffered
 from strategies import (CriticalMomentaPlugin, SAMPlugin, buffer_metrics, buffered_optimizer, kappa_at,
                         make_optimizer, make_strategy)
 
@@ -50,9 +50,9 @@ class Snapshot(SupervisedPlugin):
 
     @staticmethod
     def take(strategy):
-        if not hasattr(getattr(strategy.optimizer, "base_optimizer", strategy.optimizer), "buffer_stats"):
+        opt = buffered(strategy.optimizer)
+        if opt is None:
             return None
-        opt = buffered_optimizer(strategy.optimizer)
         first = next(iter(strategy.model.parameters()))
         st = opt.state.get(first, {})
         return {"stats": opt.buffer_stats(reset=False),
