@@ -151,6 +151,8 @@ class RunConfig(OptimizerSettings, RuntimeSettings):
     # ---- measurements and runtime
     sharpness: bool = _f(False, "record the top Hessian eigenvalue on every seen experience after each one", "run")
     sharpness_samples: int = _f(128, "samples per experience for --sharpness", "run")
+    sharpness_tasks: str = _f("seen", "with --sharpness: seen (every experience seen so far, after each one) or "
+                              "learned (only the experience just learned: the diagonal, far cheaper)", "run")
 
 
 #: config fields that do not change results (they may differ between a run and its resumption)
@@ -250,6 +252,7 @@ VALID: dict[str, Range | tuple] = {
     "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "momentum": BELOW_ONE, "beta1": BELOW_ONE, "beta2": BELOW_ONE,
     "buffer_size": NON_NEGATIVE, "decay": Range(0, 1), "kappa": NON_NEGATIVE, "rho": NON_NEGATIVE,
     "second_moment": ("aggregated", "gradient"),
+    "sharpness_tasks": ("seen", "learned"),
     "buffer_dtype": ("float32", "float64", "bfloat16", "float16", "int8"),  # names of cl_cm.buffer.DTYPE_NAMES
     # runtime
     "threads": AT_LEAST_ONE, "eval_batch_size": AT_LEAST_ONE,

@@ -172,9 +172,13 @@ def _row(results: dict, pattern: re.Pattern, n: int) -> list[float]:
 
 def _sharpness_row(cfg, strategy, scenario, k: int) -> list[float | None]:
     """λ_max of the loss on a fixed sample of each experience seen so far
-    (None for the ones not seen yet)."""
-    return [_experience_sharpness(cfg, strategy, scenario.train_stream[i]) if i <= k else None
-            for i in range(len(scenario.train_stream))]
+    (None for the ones not seen yet), or with ``sharpness_tasks="learned"``
+    of experience ``k`` only (None elsewhere)."""
+    wanted = (lambda i: i == k) if cfg.sharpness_tasks == "learned" else (lambda i: i <= k)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and str(cfg.device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):  # measuring never changes the training that follows
+        return [_experience_sharpness(cfg, strategy, scenario.train_stream[i]) if wanted(i) else None
+                for i in range(len(scenario.train_stream))]
 
 
 def _experience_sharpness(cfg, strategy, experience) -> float:

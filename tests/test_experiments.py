@@ -147,6 +147,14 @@ def test_sharpness_matrix_is_recorded(data_root, tmp_path):
     for k, row in enumerate(s):
         assert all(v is not None and v > 0 for v in row[: k + 1]) and all(v is None for v in row[k + 1:])
 
+    learned = run(smoke(data_root, tmp_path / "d", optimizer="adam_cm", sharpness=True, sharpness_samples=32,
+                        sharpness_tasks="learned"))["sharpness_matrix"]
+    for k, row in enumerate(learned):  # the diagonal only, equal to the full matrix's
+        assert row[k] == pytest.approx(s[k][k]) and all(v is None for i, v in enumerate(row) if i != k)
+    # measuring never changes training: the same accuracies as a run without it
+    plain = run(smoke(data_root, tmp_path / "p", optimizer="adam_cm"))
+    assert plain["accuracy_matrix"] == metrics["accuracy_matrix"]
+
 
 def test_finished_run_is_not_rerun_and_other_settings_are_refused(data_root, tmp_path):
     cfg = smoke(data_root, tmp_path / "r")
