@@ -647,22 +647,37 @@ def _caption(text: str) -> str:
     return f"*{text}*"
 
 
-def _figures(slug: str, by_policy, policies, out: Path) -> list[str]:
-    """The section's figures, each followed in the markdown by a caption."""
+def _pyplot():
+    """matplotlib's pyplot without a display, in the report's theme."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     _theme()
-    styles = arm_styles(policies)
-    lines: list[str] = []
+    return plt
 
+
+def _saver(out: Path, slug: str, lines: list[str]):
+    """``save(fig, name, caption)``: writes ``figures/<slug>-<name>.png``
+    under ``out`` and appends its markdown and caption to ``lines``."""
     def save(fig, name, caption):
+        import matplotlib.pyplot as plt
+
         path = out / "figures" / f"{slug}-{name}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         lines.extend([f"![{name}]({path.relative_to(out)})", "", _caption(caption), ""])
+
+    return save
+
+
+def _figures(slug: str, by_policy, policies, out: Path) -> list[str]:
+    """The section's figures, each followed in the markdown by a caption."""
+    plt = _pyplot()
+    styles = arm_styles(policies)
+    lines: list[str] = []
+    save = _saver(out, slug, lines)
 
     n = len(policies)
     mats = {p: np.array([r["metrics"]["accuracy_matrix"] for r in by_policy[p]], dtype=float) * 100
@@ -709,7 +724,7 @@ def _figures(slug: str, by_policy, policies, out: Path) -> list[str]:
 
         task_colors = [tuple(c) for c in sns.color_palette("tab10", t)]
     else:
-        cmap = matplotlib.colormaps["viridis"]
+        cmap = plt.colormaps["viridis"]
         task_colors = [cmap(i / (t - 1)) for i in range(t)]
     for ax, policy in zip(axes.flat, policies):
         m = mats[policy]
@@ -950,20 +965,10 @@ def _supervised_sections(runs, out: Path) -> list[str]:
 
 
 def _supervised_figures(slug, by_label, labels, lm: bool, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    _theme()
+    plt = _pyplot()
     styles = arm_styles(labels)
     lines: list[str] = []
-
-    def save(fig, name, caption):
-        path = out / "figures" / f"{slug}-{name}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        lines.extend([f"![{name}]({path.relative_to(out)})", "", _caption(caption), ""])
+    save = _saver(out, slug, lines)
 
     def curve(ax, label, points):
         """Mean ± sd over seeds of (x, y) points, one line for an optimizer."""

@@ -28,6 +28,7 @@ _HOMES = {
     "ResetMomentsPlugin": "moments", "reset_moments": "moments",
     "SAMPlugin": "sam",
     "ProgressBars": "progress",
+    "recommended": "recipes", "RECOMMENDED_OPTIMIZER": "recipes", "RECOMMENDED_BOUNDARY": "recipes",
 }
 
 __all__ = [
@@ -36,7 +37,8 @@ __all__ = [
     "BufferStatsMetric", "TaskILAccuracy", "buffer_metrics", "make_strategy", "FiniteLossPlugin",
     "NonFiniteLossError", "skipped_steps", "ProgressBars", "make_optimizer", "optimizer_options",
     "strategy_options", "kappa_at", "buffered_optimizer", "BOUNDARIES", "KAPPA_SCHEDULES", "BUFFER_STAT_KEYS",
-    "OPTIMIZERS", "STRATEGIES", "COMMON_STRATEGY_ARGS",
+    "OPTIMIZERS", "STRATEGIES", "COMMON_STRATEGY_ARGS", "recommended", "RECOMMENDED_OPTIMIZER",
+    "RECOMMENDED_BOUNDARY",
 ]
 
 

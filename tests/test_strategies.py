@@ -373,3 +373,16 @@ def test_split_cifar10_with_the_plugin(tmp_path, monkeypatch):
     _, check, results = run(bench, CriticalMomentaPlugin("shrink", factor=0.6, min_size=2), model=model)
     assert [s["capacity"][0] for s in check.start] == [5, 3, 2]
     assert len([k for k in results if k.startswith("Top1_Acc_Exp")]) == 3
+
+
+def test_recommended_setup_has_the_settings_the_study_recommends():
+    from cl_cm import AdamCM
+    from strategies import CriticalMomentaPlugin, recommended
+
+    model = torch.nn.Linear(4, 2)
+    optimizer, plugin = recommended(model.parameters(), lr=1e-4)
+    assert isinstance(optimizer, AdamCM) and isinstance(plugin, CriticalMomentaPlugin)
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 1e-4 and group["second_moment"] == "gradient"
+    assert plugin.boundary == "shrink" and plugin.factor == 0.5
+    assert recommended(model.parameters(), lr=1e-3, buffer_size=3)[0].param_groups[0]["buffer_size"] == 3
