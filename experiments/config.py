@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cl_cm.names import BUFFERED, OPTIMIZER_NAMES, has_buffer
-from strategies.names import BOUNDARIES, KAPPA_SCHEDULES, STRATEGY_NAMES, strategy_options
+from strategies.names import BOUNDARIES, KAPPA_SCHEDULES, RECIPES, STRATEGY_NAMES, strategy_options
 
 #: benchmark -> its scenarios (Hsu et al. 2018, "Re-evaluating Continual Learning Scenarios"), the default first
 SCENARIOS = {
@@ -110,6 +110,9 @@ class RunConfig(OptimizerSettings, RuntimeSettings):
     preset: str = _f("cpu", "protocol preset: smoke (CI, seconds), cpu (minutes on 2 cores), paper "
                      "(the full protocol, for a GPU); see experiments/protocols/", "run")
     seed: int = _f(0, "seed of everything random: initialisation, permutations, data order", "run")
+    recipe: str | None = _f(None, "a named setup: recommended = adam_cm with second_moment gradient and the "
+                            "shrink 0.5 boundary policy (docs/results.md); settings given with it must agree",
+                            "run", tuple(RECIPES))
     # ---- buffer annealing (optimizers with a buffer: adam_cm, adam_cg, adam_cm_sam)
     boundary: str = _f("keep", "buffer policy at experience boundaries", "buffer", BOUNDARIES)
     factor: float | None = _f(None, "factor of the decay and shrink policies, in (0, 1]", "buffer")
@@ -563,12 +566,30 @@ def has_moments(optimizer: str) -> bool:
     return "betas" in optimizer_options(optimizer)
 
 
+def apply_recipe(cfg: RunConfig) -> RunConfig:
+    """The settings of ``cfg.recipe`` (:data:`strategies.names.RECIPES`)
+    where ``cfg`` leaves them at their defaults; a ConfigError where it gives
+    another value."""
+    if cfg.recipe is None:
+        return cfg
+    check_choice("recipe", cfg.recipe, tuple(RECIPES))
+    changes = {}
+    for key, value in RECIPES[cfg.recipe].items():
+        given = getattr(cfg, key)
+        if given is None or given == getattr(RunConfig, key):
+            changes[key] = value
+        elif given != value:
+            raise ConfigError(f"recipe {cfg.recipe} sets {key} = {value!r}, but {key} = {given!r} was given; "
+                              "drop one of them")
+    return dataclasses.replace(cfg, **changes)
+
+
 def resolve(cfg: RunConfig) -> RunConfig:
     """Fill protocol fields from the preset and, with ``tuned``, the arm's
     chosen settings from a tuned.toml; check every setting (its type, its
     range, and the combinations that the benchmark, model, optimizer and
     strategy take): a config that resolves runs."""
-    cfg = check_values(cfg)
+    cfg = apply_recipe(check_values(cfg))
     for name, allowed in (("benchmark", BENCHMARKS), ("strategy", STRATEGY_NAMES),
                           ("optimizer", OPTIMIZER_NAMES), ("boundary", BOUNDARIES),
                           ("kappa_schedule", KAPPA_SCHEDULES), ("validation", VALIDATION)):
@@ -684,6 +705,8 @@ def provenance(cfg: RunConfig, tuned_keys=()) -> dict[str, str]:
         value = getattr(cfg, f.name)
         if f.name in tuned_keys:
             out[f.name] = f"tuned ({cfg.tuned})"
+        elif cfg.recipe and f.name in RECIPES[cfg.recipe]:
+            out[f.name] = f"recipe {cfg.recipe}"
         elif f.name in PROTOCOL_FIELDS and preset.get(f.name) == value:
             out[f.name] = f"preset {cfg.preset}"
         elif f.name == "scenario" and value == SCENARIOS[cfg.benchmark][0]:

@@ -72,7 +72,7 @@ from . import config as C
 #: RunConfig fields that may be tuned (lr is required)
 TUNABLE = (*C.OPTIMIZER_FIELDS, *C.STRATEGY_FIELDS, "factor", "min_size", "kappa_start", "kappa_end")
 #: RunConfig fields that do not tell arms apart
-NOT_ARM = (*C.RUNTIME_FIELDS, "seed", *C.VALIDATION_FIELDS, "sharpness", "sharpness_samples", "sharpness_tasks")
+NOT_ARM = (*C.RUNTIME_FIELDS, "seed", *C.VALIDATION_FIELDS, "sharpness", "sharpness_samples", "sharpness_tasks", "recipe")
 DEFAULT_SEEDS = (1000, 1001)
 OBJECTIVE = "final average accuracy (ACC) on the held-out validation data, mean over seeds"
 

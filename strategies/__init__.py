@@ -28,7 +28,7 @@ _HOMES = {
     "ResetMomentsPlugin": "moments", "reset_moments": "moments",
     "SAMPlugin": "sam",
     "ProgressBars": "progress",
-    "recommended": "recipes", "RECOMMENDED_OPTIMIZER": "recipes", "RECOMMENDED_BOUNDARY": "recipes",
+    "recommended": "recipes", "recipe_parts": "recipes", "RECIPES": "names",
 }
 
 __all__ = [
@@ -37,8 +37,7 @@ __all__ = [
     "BufferStatsMetric", "TaskILAccuracy", "buffer_metrics", "make_strategy", "FiniteLossPlugin",
     "NonFiniteLossError", "skipped_steps", "ProgressBars", "make_optimizer", "optimizer_options",
     "strategy_options", "kappa_at", "buffered_optimizer", "BOUNDARIES", "KAPPA_SCHEDULES", "BUFFER_STAT_KEYS",
-    "OPTIMIZERS", "STRATEGIES", "COMMON_STRATEGY_ARGS", "recommended", "RECOMMENDED_OPTIMIZER",
-    "RECOMMENDED_BOUNDARY",
+    "OPTIMIZERS", "STRATEGIES", "COMMON_STRATEGY_ARGS", "recommended", "recipe_parts", "RECIPES",
 ]
 
 

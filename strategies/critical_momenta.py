@@ -78,6 +78,15 @@ class CriticalMomentaPlugin(SupervisedPlugin):
     growing model get buffers from the optimizer itself.
     """
 
+    @classmethod
+    def recipe(cls, name: str = "recommended", **kwargs) -> "CriticalMomentaPlugin":
+        """The plugin with the boundary policy of a named recipe
+        (:data:`strategies.names.RECIPES`; ``kwargs`` add to it). Pair it with
+        the recipe's optimizer: :func:`strategies.recommended` builds both."""
+        from .recipes import recipe_parts
+
+        return cls(**{**recipe_parts(name)[2], **kwargs})
+
     def __init__(self, boundary: str = "keep", factor: float | None = None, min_size: int = 0,
                  kappa_schedule: str = "constant", kappa_start: float | None = None,
                  kappa_end: float | None = None, reset_moments: bool = False) -> None:

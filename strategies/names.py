@@ -14,6 +14,15 @@ BOUNDARIES = ("keep", "reset", "decay", "shrink")
 #: shapes of κ within each experience (:func:`~strategies.kappa_at`)
 KAPPA_SCHEDULES = ("constant", "linear", "cosine")
 
+#: named setups, each the optimizer, its settings and the buffer policy it stands for:
+#: ``recommended`` is Adam+CM as the study of docs/results.md recommends for continual learning
+#: (:func:`strategies.recommended`, ``CriticalMomentaPlugin.recipe``, ``cl-cm run --recipe``)
+RECIPES: dict[str, dict[str, Any]] = {
+    "recommended": {"optimizer": "adam_cm", "second_moment": "gradient", "boundary": "shrink", "factor": 0.5},
+}
+#: the keys of a recipe that configure the plugin (the others configure the optimizer)
+RECIPE_PLUGIN_KEYS = ("boundary", "factor")
+
 #: strategy name -> its own hyperparameters with make_strategy's defaults
 STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {
     "naive": {},

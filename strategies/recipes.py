@@ -12,9 +12,18 @@ The learning rate still has to be tuned for each benchmark (``cl-cm tune``).
 """
 from __future__ import annotations
 
-#: the recommended settings: optimizer keyword arguments and boundary policy
-RECOMMENDED_OPTIMIZER = {"second_moment": "gradient"}
-RECOMMENDED_BOUNDARY = {"boundary": "shrink", "factor": 0.5}
+from .names import RECIPE_PLUGIN_KEYS, RECIPES
+
+
+def recipe_parts(name: str = "recommended") -> tuple[str, dict, dict]:
+    """``(optimizer name, its keyword arguments, the plugin's keyword
+    arguments)`` of the recipe ``name`` (:data:`strategies.names.RECIPES`)."""
+    if name not in RECIPES:
+        raise ValueError(f"Unknown recipe {name!r}; use one of {tuple(RECIPES)}.")
+    settings = dict(RECIPES[name])
+    optimizer = settings.pop("optimizer")
+    plugin = {k: settings.pop(k) for k in RECIPE_PLUGIN_KEYS if k in settings}
+    return optimizer, settings, plugin
 
 
 def recommended(params, lr: float, **optimizer_kwargs):
@@ -26,5 +35,6 @@ def recommended(params, lr: float, **optimizer_kwargs):
 
     from .critical_momenta import CriticalMomentaPlugin
 
-    optimizer = make_optimizer("adam_cm", params, lr=lr, **{**RECOMMENDED_OPTIMIZER, **optimizer_kwargs})
-    return optimizer, CriticalMomentaPlugin(**RECOMMENDED_BOUNDARY)
+    name, settings, _ = recipe_parts("recommended")
+    optimizer = make_optimizer(name, params, lr=lr, **{**settings, **optimizer_kwargs})
+    return optimizer, CriticalMomentaPlugin.recipe("recommended")

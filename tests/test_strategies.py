@@ -377,12 +377,30 @@ def test_split_cifar10_with_the_plugin(tmp_path, monkeypatch):
 
 def test_recommended_setup_has_the_settings_the_study_recommends():
     from cl_cm import AdamCM
-    from strategies import CriticalMomentaPlugin, recommended
+    from strategies import RECIPES, CriticalMomentaPlugin, recommended
 
     model = torch.nn.Linear(4, 2)
     optimizer, plugin = recommended(model.parameters(), lr=1e-4)
     assert isinstance(optimizer, AdamCM) and isinstance(plugin, CriticalMomentaPlugin)
     group = optimizer.param_groups[0]
-    assert group["lr"] == 1e-4 and group["second_moment"] == "gradient"
+    assert group["lr"] == 1e-4 and group["second_moment"] == RECIPES["recommended"]["second_moment"] == "gradient"
     assert plugin.boundary == "shrink" and plugin.factor == 0.5
     assert recommended(model.parameters(), lr=1e-3, buffer_size=3)[0].param_groups[0]["buffer_size"] == 3
+    assert CriticalMomentaPlugin.recipe("recommended", min_size=2).min_size == 2
+    with pytest.raises(ValueError, match="Unknown recipe"):
+        CriticalMomentaPlugin.recipe("nope")
+
+
+def test_the_recipe_flag_sets_the_recommended_arm_and_refuses_contradictions():
+    from experiments import config as C
+
+    cfg = C.resolve(C.RunConfig(benchmark="permuted_mnist", preset="online", recipe="recommended"))
+    assert (cfg.optimizer, cfg.second_moment, cfg.boundary, cfg.factor) == ("adam_cm", "gradient", "shrink", 0.5)
+    assert C.run_label(cfg) == "adam_cm/shrink0.5 second_moment=gradient"  # the study's arm, so --tuned finds it
+    assert C.provenance(cfg)["second_moment"] == "recipe recommended"
+    same = C.resolve(C.RunConfig(recipe="recommended", optimizer="adam_cm", factor=0.5))
+    assert same.boundary == "shrink"
+    with pytest.raises(C.ConfigError, match="recipe recommended sets boundary = 'shrink'.*drop one"):
+        C.resolve(C.RunConfig(recipe="recommended", boundary="decay", factor=0.5))
+    with pytest.raises(C.ConfigError, match="recipe recommended sets optimizer"):
+        C.resolve(C.RunConfig(recipe="recommended", optimizer="sgd"))
