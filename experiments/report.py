@@ -479,7 +479,51 @@ def _section(bench, preset, strategy, by_policy, out: Path, suffix: str = "", re
     else:
         lines += ["No published anchor has exactly this protocol, so none is shown.", ""]
     lines += _paired(by_policy, policies, reference)
+    lines += _mechanism(by_policy, policies)
     lines += _figures(slug, by_policy, policies, out)
+    return lines
+
+
+def _mechanism(by_policy, policies) -> list[str]:
+    """Per arm, the quantities of the wide-minima view of forgetting (Mirzadeh
+    et al. 2020): the distance travelled per experience and from the
+    initialisation, and where recorded λmax of each task right after learning
+    it; then the rank correlation of each with forgetting over the arms."""
+    from scipy.stats import spearmanr
+
+    def per_run(r):
+        m = r["metrics"]
+        steps, init = m.get("distance_per_experience"), m.get("distance_from_init")
+        sharp = m.get("sharpness_matrix")
+        diagonal = [row[k] for k, row in enumerate(sharp) if row[k] is not None] if sharp else []
+        return (float(np.mean(steps)) if steps else math.nan, init[-1] if init else math.nan,
+                float(np.mean(diagonal)) if diagonal else math.nan, 100 * m["forgetting"])
+
+    table = {p: np.array([per_run(r) for r in by_policy[p]], dtype=float) for p in policies}
+    columns = [(0, "mean ‖θ_k − θ_{k−1}‖₂"), (1, "‖θ_end − θ_0‖₂"), (2, "mean λmax after learning")]
+    columns = [(i, name) for i, name in columns if any(np.isfinite(t[:, i]).any() for t in table.values())]
+    if not columns:
+        return []
+    lines = ["Mechanism, per arm (mean ± std over seeds): the distance the parameters travel while learning "
+             "an experience (mean over experiences), their distance from the initialisation at the end"
+             + (", and λmax, the top Hessian eigenvalue of each task's loss right after learning it (mean over "
+                "tasks)" if any(i == 2 for i, _ in columns) else "") + ".", "",
+             "| optimizer / policy | n | " + " | ".join(name for _, name in columns) + " | forgetting (pp) |",
+             "|---|---|" + "---|" * (len(columns) + 1)]
+    for p in policies:
+        t = table[p]
+        cells = [_fmt(np.nanmean(t[:, i]), np.nanstd(t[:, i], ddof=1) if len(t) > 1 else math.nan) for i, _ in columns]
+        lines.append(f"| `{p}` | {len(t)} | " + " | ".join(cells) + f" | {_fmt(t[:, 3].mean(), t[:, 3].std(ddof=1) if len(t) > 1 else math.nan)} |")
+    lines.append("")
+    if len(policies) >= 4:
+        for i, name in columns:
+            means = [(np.nanmean(table[p][:, i]), table[p][:, 3].mean()) for p in policies
+                     if np.isfinite(table[p][:, i]).any()]
+            if len(means) >= 4:
+                rho, pval = spearmanr([a for a, _ in means], [b for _, b in means])
+                lines.append(f"- {name} against forgetting over the {len(means)} arms' means: Spearman ρ = "
+                             f"{rho:+.2f} (p = {pval:.3g}).")
+        lines.append("")
     return lines
 
 
