@@ -125,6 +125,12 @@ def test_continual_figures_tell_every_task_and_arm_apart(tmp_path, figures, t):
     for name, fig in figures.items():
         _check_readable(name, fig)
 
+    # the mechanism table: a row per arm with its distances (and sharpness, recorded here), then ranks
+    mechanism = report[report.index("Mechanism, per arm"):]
+    table = [line for line in mechanism.split("\n\n")[1].splitlines() if line.startswith("| `")]
+    assert len(table) == len(arms) and "mean λmax after learning" in mechanism.splitlines()[2]
+    assert ("Spearman ρ" in mechanism) == (len(arms) >= 4)
+
     # heatmaps: every matrix coloured on one scale with a labelled colour bar
     heat = figures[f"{slug}-accuracy-matrix"]
     images = [im for ax in heat.axes for im in ax.images]
