@@ -108,11 +108,10 @@ out, synthetic, device, preset = Path(sys.argv[1]), sys.argv[2] == "1", sys.argv
 bench = out / "bench_step.json"
 if bench.exists():
     results = json.loads(bench.read_text())["results"]
-    fused, foreach = results["Adam(fused)"]["median_ms"], results["Adam(foreach)"]["median_ms"]
     print(f"\nbench_step --device {device} (ResNet-18 shapes, median step):")
     print(f"  {'optimizer':40s} {'ms':>8s} {'/foreach':>9s} {'/fused':>7s} {'state MB':>9s}")
     for name, r in results.items():
-        print(f"  {name:40s} {r['median_ms']:8.2f} {r['median_ms'] / foreach:9.2f} {r['median_ms'] / fused:7.2f} "
+        print(f"  {name:40s} {r['median_ms']:8.2f} {r['vs_adam_foreach']:9.2f} {r['vs_adam_fused']:7.2f} "
               f"{r['state_MB']:9.1f}")
 runs = sorted((out / "runs").glob("*/*/metrics.json"))
 if runs:

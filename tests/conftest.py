@@ -14,3 +14,18 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """Tiny MNIST and CIFAR-10 in torchvision's layout, one copy per test module
+    (modules that need other sizes define their own ``data_root``)."""
+    from .fakedata import write_cifar10, write_mnist
+
+    root = tmp_path_factory.mktemp("data")
+    write_mnist(root, n_train=400, n_test=120)
+    write_cifar10(root, n_train=250, n_test=120)
+    return root

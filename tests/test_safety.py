@@ -20,15 +20,6 @@ from experiments.checkpoint import MAGIC, Checkpoints, CheckpointRefused
 from experiments.cli import main as cli
 from experiments.io import read_json, write_json
 
-from .fakedata import write_cifar10, write_mnist
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_mnist(root, n_train=400, n_test=120)
-    write_cifar10(root, n_train=250, n_test=120)
-    return root
 
 
 def listing(root: Path) -> list[str]:

@@ -14,7 +14,6 @@ import torch
 from experiments import bench_run
 from experiments import config as C
 
-from .fakedata import write_cifar10, write_mnist
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,14 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_mnist(root, n_train=400, n_test=120)
-    write_cifar10(root, n_train=250, n_test=120)
-    return root
 
 
 def smoke(data_root, benchmark, **kw) -> C.RunConfig:
