@@ -14,10 +14,15 @@ refused for its settings or its data during training (``ConfigError``,
 ``DataNotFoundError``) leaves nothing behind, and one whose loss became
 non-finite drops its checkpoints (a rerun with the same settings would fail
 the same way).
+
+A setting added to the library after a run was made is absent from that run's
+``config.json``; it counts as the setting's default, since a new setting's
+default keeps the behaviour from before it existed.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import platform
 import subprocess
 import sys
@@ -56,15 +61,16 @@ def environment() -> dict[str, Any]:
 
 
 def managed_run(out: str | Path, settings: dict[str, Any], runtime_keys, protocol: str,
-                train: Callable[[Path], dict[str, Any]], provenance: dict[str, str] | None = None
-                ) -> tuple[dict[str, Any], bool]:
+                train: Callable[[Path], dict[str, Any]], provenance: dict[str, str] | None = None,
+                defaults: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
     """Run ``train(out)`` in the folder ``out`` unless it is finished; return
     (metrics, whether they were computed now).
 
     Under torch.distributed (torchrun) every rank trains, and only rank 0
     touches the folder: it holds the lock and writes config, checkpoints and
     metrics; it sends the other ranks the metrics of a finished run, so that
-    they need not share its file system."""
+    they need not share its file system. ``defaults`` stand for settings absent
+    from an earlier ``config.json`` (see the module's docstring)."""
     import torch.distributed as dist
 
     from strategies import NonFiniteLossError
@@ -99,6 +105,7 @@ def managed_run(out: str | Path, settings: dict[str, Any], runtime_keys, protoco
             write_config = True
             if saved.exists():
                 previous = _previous_settings(saved, to_protect)
+                previous = {**(defaults or {}), **previous}
                 changed = sorted(k for k in settings if k not in runtime_keys and previous.get(k) != settings[k])
                 if changed and to_protect:
                     raise ConfigError(f"{out} holds a run with other settings ({', '.join(changed)} differ); "
@@ -218,6 +225,10 @@ class RunKind:
     def settings(self, cfg) -> dict[str, Any]:
         return cfg.to_dict()
 
+    def defaults(self, cfg) -> dict[str, Any]:
+        """Each setting's default, for settings absent from an older ``config.json``."""
+        return {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+
     def protocol(self, cfg) -> str:
         return ""
 
@@ -250,7 +261,8 @@ def execute(kind: RunKind, cfg, *, quiet: bool = False) -> dict[str, Any]:
         torch.set_num_threads(threads)
     kind.prepare(cfg)
     metrics, _ = managed_run(out, kind.settings(cfg), kind.runtime_keys, kind.protocol(cfg),
-                             lambda folder: kind.train(cfg, folder, quiet), provenance=kind.provenance(cfg))
+                             lambda folder: kind.train(cfg, folder, quiet), provenance=kind.provenance(cfg),
+                             defaults=kind.defaults(cfg))
     if not quiet and rank_and_world()[0] == 0:
         print(kind.summary(metrics, cfg))
     return metrics

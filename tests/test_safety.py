@@ -402,6 +402,25 @@ def test_a_failed_run_never_blocks_its_corrected_rerun(data_root, tmp_path, caps
     refused(capsys, smoke(data_root, tmp_path / "d"), tmp_path, "without the config.json")
 
 
+def test_a_run_made_before_a_setting_existed_is_resumed_not_refused(data_root, tmp_path, capsys):
+    """A config.json written before a setting was added lacks it; the setting's
+    default stands for it, and only another value counts as other settings."""
+    import json
+
+    out = tmp_path / "old"
+    assert cli(smoke(data_root, out)) == 0
+    capsys.readouterr()
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"].pop("sharpness_tasks") == "seen"
+    (out / "config.json").write_text(json.dumps(record))
+    metrics = (out / "metrics.json").read_text()
+    assert cli(smoke(data_root, out)) == 0  # finished: read, not trained again or refused
+    assert (out / "metrics.json").read_text() == metrics
+    assert "sharpness_tasks" not in json.loads((out / "config.json").read_text())["config"]  # left as it was
+    refused(capsys, smoke(data_root, out, sharpness_tasks="learned"), tmp_path,
+            "holds a run with other settings (sharpness_tasks differ)")
+
+
 def _cfg(data_root, out, **kw) -> dict:
     return dict(benchmark="permuted_mnist", preset="smoke", data_root=str(data_root), out=str(out), progress=False,
                 download=False, threads=1, **kw)
