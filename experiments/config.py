@@ -173,6 +173,9 @@ STRATEGY_FIELDS = {"ewc_lambda": "ewc_lambda", "si_lambda": "si_lambda", "lwf_al
                    "patterns_per_exp": "patterns_per_exp", "sample_size": "sample_size",
                    "memory_strength": "memory_strength"}
 BUFFER_FIELDS = ("boundary", "factor", "min_size", "kappa_schedule", "kappa_start", "kappa_end")
+#: what makes an arm of a comparison, apart from its benchmark, protocol and strategy: the optimizer,
+#: its settings, the buffer's policy and the resets at boundaries
+ARM_FIELDS = ("optimizer", *OPTIMIZER_FIELDS, *BUFFER_FIELDS, "reset_moments", "reset_optimizer_state")
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
 
 

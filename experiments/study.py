@@ -12,6 +12,11 @@ A study file is a tune file (see :mod:`experiments.tuning`: ``[tune]``,
     # optional: arms taken from another study of the folder, by validation score
     best_of = { study = "permuted_mnist_cpu", optimizer = ["adam_cm"], top = 3 }
 
+An arm taken by ``best_of`` brings its optimizer, optimizer settings and
+buffer policy, never its benchmark, protocol or strategy: it is tuned and
+run on this file's ``[base]``, over this file's search space for its
+optimizer (else the space it was tuned over in the other study).
+
 Files run in the order of their names. For each: ``cl-cm tune`` writes
 ``OUT/tuning/<name>/tuned.toml``; the reporting sweep (each arm × the reported
 seeds, every run with its arm's chosen settings) writes
@@ -124,12 +129,14 @@ def _tune_spec(info: dict[str, Any], out: Path, quick: bool, overrides) -> dict[
                          if a["settings"]["optimizer"] in best.get("optimizer", C.BUFFERED)),
                         key=lambda a: -a["validation_acc"])
         strategies = sorted({a.cfg.strategy for a in arms})
-        space = arms[0].space
         extra = []
         for chosen in ranked[: best.get("top", 3)]:
-            settings = {k: v for k, v in chosen["settings"].items() if k not in C.PROTOCOL_FIELDS}
+            # the arm only (optimizer, its settings, buffer policy), on this file's benchmark and strategies;
+            # searched over this file's space for its optimizer, else over the space it was chosen from
+            settings = {k: v for k, v in chosen["settings"].items() if k in C.ARM_FIELDS}
             cfg = C.from_mapping({**base, **settings, "strategy": strategies[0]}, "best_of")
-            extra.append({**arm_grid(cfg, base), "strategy": strategies, "space": space})
+            space = next((a.space for a in arms if a.cfg.optimizer == cfg.optimizer), chosen.get("space"))
+            extra.append({**arm_grid(cfg, base), "strategy": strategies, "space": space or arms[0].space})
         arms += load_spec({**spec, "space": {}, "grid": extra}, overrides).arms
     if quick:
         arms = [a for a in arms if C.run_label(a.cfg) in info["quick"]]

@@ -80,3 +80,31 @@ def test_a_study_folder_without_files_or_names_is_refused(tmp_path, capsys):
     (tmp_path / "x.toml").write_text("[study]\nseeds = [0]\n")
     assert cli(["study", str(tmp_path / "x.toml"), "--out", str(tmp_path / "o")]) == 2
     assert "[study] needs a name" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_an_arm_taken_from_another_benchmark_is_tuned_and_run_on_this_one(tmp_path, capsys):
+    """best_of brings the arm (optimizer, settings, buffer policy) only: its trials
+    and runs use this file's benchmark, over this file's space for its optimizer."""
+    root = write_mnist(tmp_path / "data", n_train=300, n_test=100)
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (studies / "10_naive.toml").write_text(
+        STUDY.format(name="naive", extra="", root=root, strategy="naive", base="") + NAIVE_ARMS)
+    (studies / "20_split.toml").write_text(
+        STUDY.format(name="split", extra='best_of = { study = "naive", optimizer = ["adam_cm"], top = 1 }', root=root,
+                     strategy="naive", base="").replace('benchmark = "permuted_mnist"',
+                                                        'benchmark = "split_mnist"\nscenario = "task"')
+        + '[[grid]]\noptimizer = ["sgd"]\n[grid.space]\nlr = [0.01, 0.1]\n'
+        + '[[grid]]\noptimizer = ["adam_cm"]\nsecond_moment = ["gradient"]\n[grid.space]\nlr = [0.0002, 0.002]\n')
+    out = tmp_path / "out"
+    assert cli(["study", str(studies), "--out", str(out)]) == 0
+    capsys.readouterr()
+    split = tomllib.loads((out / "tuning" / "split" / "tuned.toml").read_text())
+    assert len(split["arm"]) == 3
+    assert all(a["settings"]["benchmark"] == "split_mnist" and a["settings"]["scenario"] == "task"
+               for a in split["arm"])
+    taken = [a for a in split["arm"] if a["settings"]["optimizer"] == "adam_cm"
+             and a["settings"].get("second_moment") != "gradient"]
+    assert len(taken) == 1 and taken[0]["space"] == {"lr": [0.0002, 0.002]}  # this file's space for adam_cm
+    assert sorted(p.name for p in (out / "tuning" / "split" / "trials").iterdir()) == ["split_mnist-task-smoke"]
+    assert sorted(p.name for p in (out / "results" / "split").iterdir()) == ["split_mnist-task-smoke"]
