@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import buffer
 from .buffered_optimizer import CriticalBufferOptimizer, GroupTensors
-from .torch_adam import StepScalars, Workspace, advance, by_step, select, torch_adam
+from .torch_adam import Workspace, advance, per_tensor_steps, select, torch_adam
 
 
 def adam_cg(params: list[Tensor], grads: list[Tensor | None], exp_avgs: list[Tensor],
@@ -34,12 +34,8 @@ def adam_cg(params: list[Tensor], grads: list[Tensor | None], exp_avgs: list[Ten
     ``fused``/``foreach``: torch's kernels; else the per-tensor loop."""
     if not params:
         return
-    active = [i for i, g in enumerate(grads) if g is not None]
-    scalars = {t: StepScalars(t, float(lr), beta1, beta2, eps, weight_decay, buffer_weight)
-               for t in by_step([state_steps[i] for i in active])}
-    steps = [scalars[int(s) + 1] if g is not None else None for s, g in zip(state_steps, grads)]
-    rows = None if buffers is None or slot is None else [b[slot] for b in buffers]
-    scales = None if buffer_scales is None or slot is None else [s[slot] for s in buffer_scales]
+    active, scalars, steps = per_tensor_steps(grads, state_steps, lr, beta1, beta2, eps, weight_decay, buffer_weight)
+    rows, scales = buffer.slot_rows(buffers, buffer_scales, slot)
     if foreach or fused:
         ps, gs, ms, vs = (select(xs, active) for xs in (params, grads, exp_avgs, exp_avg_sqs))
         aggregated = gs

@@ -35,7 +35,7 @@ from torch import Tensor
 from . import buffer
 from .buffered_optimizer import CriticalBufferOptimizer, GroupTensors
 from .compiled import PerTensorCompiled
-from .torch_adam import StepScalars, Workspace, advance, by_step, select, torch_adam
+from .torch_adam import StepScalars, Workspace, advance, per_tensor_steps, select, torch_adam
 
 SECOND_MOMENTS = ("aggregated", "gradient")
 
@@ -64,12 +64,8 @@ def adam_cm(params: list[Tensor], grads: list[Tensor | None], exp_avgs: list[Ten
     """
     if not params:
         return
-    active = [i for i, g in enumerate(grads) if g is not None]
-    scalars = {t: StepScalars(t, float(lr), beta1, beta2, eps, weight_decay, buffer_weight)
-               for t in by_step([state_steps[i] for i in active])}
-    steps = [scalars[int(s) + 1] if g is not None else None for s, g in zip(state_steps, grads)]
-    rows = None if buffers is None or slot is None else [b[slot] for b in buffers]
-    scales = None if buffer_scales is None or slot is None else [s[slot] for s in buffer_scales]
+    active, scalars, steps = per_tensor_steps(grads, state_steps, lr, beta1, beta2, eps, weight_decay, buffer_weight)
+    rows, scales = buffer.slot_rows(buffers, buffer_scales, slot)
     if compiled:
         _compiled_update(params, grads, exp_avgs, exp_avg_sqs, buffer_sums, steps, buffers, buffer_scales,
                          slot, replace)

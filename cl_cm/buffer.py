@@ -193,6 +193,15 @@ def write_row_(total: Tensor, row: Tensor, entry: Tensor | None, replace: bool |
         total.add_(values.view(total.shape))
 
 
+def slot_rows(buffers: list[Tensor] | None, buffer_scales: list[Tensor] | None, slot: int | None
+              ) -> tuple[list[Tensor] | None, list[Tensor] | None]:
+    """(rows, their block scales) of row ``slot`` of every tensor's buffer; None
+    where nothing is stored at this step (or the buffer is not 8-bit, for scales)."""
+    rows = None if buffers is None or slot is None else [b[slot] for b in buffers]
+    scales = None if buffer_scales is None or slot is None else [s[slot] for s in buffer_scales]
+    return rows, scales
+
+
 def write_rows_(totals: list[Tensor], rows: list[Tensor], entries: list[Tensor | None], replace: bool,
                 scales: list[Tensor] | None = None) -> None:
     """:func:`write_row_` for each tensor of a list."""

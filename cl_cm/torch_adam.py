@@ -93,6 +93,19 @@ class StepScalars:
 
 
 # --------------------------------------------------------- torch's kernels
+def per_tensor_steps(grads: list[Tensor | None], state_steps: list[Tensor], lr: float, beta1: float,
+                     beta2: float, eps: float, weight_decay: float, buffer_weight: float
+                     ) -> tuple[list[int], dict[int, "StepScalars"], list["StepScalars | None"]]:
+    """(the positions with a gradient, the :class:`StepScalars` of each step
+    number t among them, each tensor's StepScalars or None): the per-step
+    numbers of a functional core, for tensors that may be at different t."""
+    active = [i for i, g in enumerate(grads) if g is not None]
+    scalars = {t: StepScalars(t, float(lr), beta1, beta2, eps, weight_decay, buffer_weight)
+               for t in by_step([state_steps[i] for i in active])}
+    steps = [scalars[int(s) + 1] if g is not None else None for s, g in zip(state_steps, grads)]
+    return active, scalars, steps
+
+
 def implementation(group: dict, params: list[Tensor]) -> tuple[bool, bool]:
     """(foreach, fused) as the user chose them; by default torch's fused Adam
     kernel where every tensor allows it (CPU or CUDA, floating point), else
