@@ -13,7 +13,8 @@ to protect (``metrics.json`` or a checkpoint) refuses other settings; the
 refused for its settings or its data during training (``ConfigError``,
 ``DataNotFoundError``) leaves nothing behind, and one whose loss became
 non-finite drops its checkpoints (a rerun with the same settings would fail
-the same way).
+the same way). A finished run's folder keeps no ``error.txt`` of an
+earlier failure.
 
 A setting added to the library after a run was made is absent from that run's
 ``config.json``; it counts as the setting's default, since a new setting's
@@ -118,6 +119,7 @@ def managed_run(out: str | Path, settings: dict[str, Any], runtime_keys, protoco
             if world > 1:
                 dist.broadcast_object_list(finished)
             if finished[0] is not None:
+                _forget_failure(out)
                 return finished[0], False
             if write_config:
                 record = {"config": settings, "environment": environment(), "protocol": protocol}
@@ -135,6 +137,7 @@ def managed_run(out: str | Path, settings: dict[str, Any], runtime_keys, protoco
                 raise
             write_json(done, metrics)
             _remove_checkpoints(out)
+            _forget_failure(out)
             if world > 1:
                 dist.barrier()
     finally:
@@ -144,6 +147,12 @@ def managed_run(out: str | Path, settings: dict[str, Any], runtime_keys, protoco
                 for folder in made:
                     folder.rmdir()
     return metrics, True
+
+
+def _forget_failure(out: Path) -> None:
+    """A finished run keeps no ``error.txt`` of an earlier failure: it would mislead."""
+    with contextlib.suppress(FileNotFoundError):
+        (out / "error.txt").unlink()
 
 
 def _missing_ancestors(out: Path) -> list[Path]:

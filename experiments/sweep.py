@@ -125,7 +125,7 @@ def _run_cell(cfg_dict: dict[str, Any], threads: int | None, ranks: int = 1,
     the error in one line when the cell failed in a way every cell would
     share (missing data, a bad setting), else None. ``report(done, total)``
     is called after each experience (not for a torchrun). A run that succeeds
-    removes the ``error.txt`` of an earlier failure."""
+    removes the ``error.txt`` of an earlier failure (:func:`~experiments.results.managed_run`)."""
     from .data import DataNotFoundError
     from .runner import run
 
@@ -147,8 +147,6 @@ def _run_cell(cfg_dict: dict[str, Any], threads: int | None, ranks: int = 1,
         shared = isinstance(e, (C.ConfigError, DataNotFoundError))  # ... nor one that every cell would share
         return (cfg.out, f"{FAILED_IN_RUN}: {error_line(e)} (see error.txt)",
                 f"{type(e).__name__}: {' '.join(str(e).split())}" if shared else None)
-    with contextlib.suppress(FileNotFoundError):
-        (Path(cfg.out) / "error.txt").unlink()  # the run succeeded: an earlier failure's note would mislead
     return cfg.out, "done before" if already else "done", None
 
 

@@ -421,6 +421,17 @@ def test_a_run_made_before_a_setting_existed_is_resumed_not_refused(data_root, t
             "holds a run with other settings (sharpness_tasks differ)")
 
 
+def test_a_lone_run_that_succeeds_removes_an_earlier_failures_note(data_root, tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "error.txt").write_text("Traceback: an earlier failure")
+    assert cli(smoke(data_root, out)) == 0
+    assert (out / "metrics.json").exists() and not (out / "error.txt").exists()
+    (out / "error.txt").write_text("Traceback: an earlier failure")  # a finished run read again: also removed
+    assert cli(smoke(data_root, out)) == 0
+    assert not (out / "error.txt").exists()
+
+
 def _cfg(data_root, out, **kw) -> dict:
     return dict(benchmark="permuted_mnist", preset="smoke", data_root=str(data_root), out=str(out), progress=False,
                 download=False, threads=1, **kw)
