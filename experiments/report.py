@@ -35,6 +35,8 @@ from .io import read_json, write_text
 
 METRICS = (("acc", "ACC (%)", 100), ("bwt", "BWT (pp)", 100), ("forgetting", "forgetting (pp)", 100),
            ("learning_accuracy", "LA (%)", 100))
+#: class-incremental runs also record ACC with the task given (metrics.json "task_il"), compared like the others
+TASK_IL = ("task_il_acc", "task-IL ACC (%)", 100)
 ANCHORS = Path(__file__).parent / "anchors.toml"
 BASELINE = "adam"
 
@@ -445,10 +447,8 @@ def _section(bench, preset, strategy, by_policy, out: Path, suffix: str = "", re
              f"{'all' if not cfg['train_per_class'] else cfg['train_per_class']} training samples per class; "
              "optimizer settings per row below (defaults of `strategies.make_optimizer` unless given).", ""]
     policies = _policy_order(by_policy, reference)
-    has_task_il = "task_il" in m0
-    header = ["optimizer / policy", "n", "lr", "tuned", "seeds"] + [label for _, label, _ in METRICS]
-    if has_task_il:
-        header.append("task-IL ACC (%)")
+    metrics = compared_metrics(by_policy)
+    header = ["optimizer / policy", "n", "lr", "tuned", "seeds"] + [label for _, label, _ in metrics]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     anchors_found = []
     for policy in policies:
@@ -458,12 +458,9 @@ def _section(bench, preset, strategy, by_policy, out: Path, suffix: str = "", re
         cells = [f"`{policy}`", str(len(rs)), _values(rs, "lr"),
                  ", ".join(f"{k}={_values(rs, k)}" for k in tuned) if tuned else "-",
                  ",".join(str(r["metrics"]["seed"]) for r in rs)]
-        for key, _, scale in METRICS:
-            vals = [scale * r["metrics"][key] for r in rs if r["metrics"][key] is not None]
+        for key, _, scale in metrics:
+            vals = [scale * _value(r["metrics"], key) for r in rs if _value(r["metrics"], key) is not None]
             cells.append(_fmt(np.mean(vals) if vals else math.nan, np.std(vals, ddof=1) if len(vals) > 1 else math.nan))
-        if has_task_il:
-            vals = [100 * r["metrics"]["task_il"]["acc"] for r in rs]
-            cells.append(_fmt(np.mean(vals), np.std(vals, ddof=1) if len(vals) > 1 else math.nan))
         lines.append("| " + " | ".join(cells) + " |")
         for anchor in matching_anchors(rs[0]["config"]):
             anchors_found.append((policy, anchor))
@@ -533,10 +530,22 @@ def _values(rs, key: str) -> str:
     return values[0] if len(values) == 1 else "/".join(values)
 
 
+def compared_metrics(by_policy) -> tuple[tuple[str, str, int], ...]:
+    """The metrics compared between arms: :data:`METRICS`, and task-IL ACC when every run has it."""
+    every = all("task_il" in r["metrics"] for rs in by_policy.values() for r in rs)
+    return METRICS + ((TASK_IL,) if every else ())
+
+
+def _value(m: dict[str, Any], key: str):
+    return m["task_il"]["acc"] if key == TASK_IL[0] else m[key]
+
+
 def paired_differences(by_policy, policies, reference: str = BASELINE) -> list[dict[str, Any]]:
     """Per arm other than the reference: its reference row, the pairs, and for
-    each metric the mean difference, the 95% CI half-width, the paired
-    t-test p-value and its Holm adjustment over the arms (one family per metric)."""
+    each metric (:func:`compared_metrics`) the mean difference, the 95% CI
+    half-width, the paired t-test p-value and its Holm adjustment over the
+    arms (one family per metric)."""
+    metrics = compared_metrics(by_policy)
     rows = []
     for policy in policies:
         baseline = _baseline_for(policy, by_policy, reference)
@@ -548,13 +557,14 @@ def paired_differences(by_policy, policies, reference: str = BASELINE) -> list[d
             pairs = [(r["metrics"], base[r["metrics"]["seed"]]) for r in by_policy[policy]
                      if r["metrics"]["seed"] in base]
             row["pairs"] = len(pairs)
-            for key, _, scale in METRICS:
-                diffs = [scale * (a[key] - b[key]) for a, b in pairs if a[key] is not None and b[key] is not None]
+            for key, _, scale in metrics:
+                diffs = [scale * (_value(a, key) - _value(b, key)) for a, b in pairs
+                         if _value(a, key) is not None and _value(b, key) is not None]
                 mean, half = t_interval(diffs) if diffs else (math.nan, math.nan)
                 row["metrics"][key] = {"mean": mean, "half": half, "n": len(diffs),
                                        "p": paired_p(diffs) if diffs else math.nan}
         rows.append(row)
-    for key, _, _ in METRICS:
+    for key, _, _ in metrics:
         with_key = [r for r in rows if key in r["metrics"]]
         for r, adjusted in zip(with_key, holm([r["metrics"][key]["p"] for r in with_key])):
             r["metrics"][key]["p_holm"] = adjusted
@@ -569,18 +579,19 @@ def _paired(by_policy, policies, reference: str = BASELINE) -> list[str]:
     rows = paired_differences(by_policy, policies, reference)
     if not rows:
         return []
+    metrics = compared_metrics(by_policy)
     lines = [f"Paired difference to the reference arm `{reference}` (same seeds; untuned rows against the "
              "reference at the same learning rate), mean, 95% CI and Holm-adjusted p-value (over the "
              f"{len(rows)} arms of this table):", "",
-             "| optimizer / policy | against | pairs | " + " | ".join(f"Δ {label}" for _, label, _ in METRICS) + " |",
-             "|" + "---|" * (3 + len(METRICS))]
+             "| optimizer / policy | against | pairs | " + " | ".join(f"Δ {label}" for _, label, _ in metrics) + " |",
+             "|" + "---|" * (3 + len(metrics))]
     verdicts = []
     for row in rows:
         if row["baseline"] is None:
-            lines.append(f"| `{row['policy']}` | no reference run with this lr | 0 |" + " n/a |" * len(METRICS))
+            lines.append(f"| `{row['policy']}` | no reference run with this lr | 0 |" + " n/a |" * len(metrics))
             continue
         cells = [f"`{row['policy']}`", f"`{row['baseline']}`", str(row["pairs"])]
-        for key, _, _ in METRICS:
+        for key, _, _ in metrics:
             d = row["metrics"][key]
             mean, half = d["mean"], d["half"]
             if math.isnan(mean):

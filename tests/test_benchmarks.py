@@ -202,3 +202,26 @@ def test_report_says_which_differences_survive_holm(tmp_path):
     assert "unadjusted 95% interval excludes zero" in lines["adam_cm/reset"]
     assert "not distinguishable" in lines["adam_cm/decay0.5"]
     assert (runs / "report" / "figures" / "permuted_mnist-smoke-naive-distance-vs-forgetting.png").stat().st_size > 5000
+
+
+def test_report_compares_task_il_accuracy_when_every_run_has_it(tmp_path):
+    """Class-incremental runs also record task-IL ACC: the report gives its mean
+    per arm and its paired difference to the reference, like ACC's."""
+    from experiments.io import read_json, write_json
+
+    from .test_experiments import fake_run
+
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        fake_run(runs, "adam", "adam", seed, 0.0)
+        fake_run(runs, "adam_cm/keep", "adam_cm", seed, 0.0)
+    for path in runs.rglob("metrics.json"):
+        m = read_json(path)
+        gain = 0.1 if m["optimizer"] == "adam_cm" else 0.0
+        write_json(path, {**m, "task_il": {"acc": 0.5 + gain + 0.01 * m["seed"], "accuracy_matrix": m["accuracy_matrix"]}})
+    assert cli(["report", str(runs)]) == 0
+    report = (runs / "report" / "report.md").read_text()
+    assert "| Δ task-IL ACC (%) |" in report
+    row = next(line for line in report.splitlines() if line.startswith("| `adam_cm/keep` | `adam` |"))
+    assert row.split("|")[-2].strip().startswith("+10.00 ["), row  # the last column: Δ task-IL ACC
+    assert "| 51.00 ± 1.00 |" in report  # adam: 50, 51, 52 %
