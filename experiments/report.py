@@ -323,15 +323,17 @@ def _group_runs(runs):
 
 
 def _policy_order(policies, reference: str = BASELINE):
-    head = reference.split(" ")[0]
-    return sorted(policies, key=lambda p: (p != reference, not p.startswith(head + " ") and p != head, p))
+    head, first = reference.split(" ")[0], _reference_label({p: None for p in policies}, reference)
+    return sorted(policies, key=lambda p: (p != first, not p.startswith(head + " ") and p != head, p))
 
 
 def _baseline_for(label: str, by_policy, reference: str = BASELINE) -> str | None:
     """The reference row that ``label`` is compared with: the one labelled
     ``reference`` when the arms' learning rates were tuned (each arm at its
     best); otherwise the reference optimizer's row with the same learning
-    rate as ``label``'s run, falling back to the one labelled ``reference``."""
+    rate as ``label``'s run, falling back to the one labelled ``reference``.
+    A setting that every arm of the section shares (a strategy's, e.g.
+    ``ewc_lambda=100``) is part of every label, the reference's included."""
     run = by_policy[label][0]
     if "lr" not in tuned_keys(run):
         lr = effective_settings(run["config"])["lr"]
@@ -340,7 +342,17 @@ def _baseline_for(label: str, by_policy, reference: str = BASELINE) -> str | Non
             if (candidate.split(" ")[0] == head and "lr" not in tuned_keys(by_policy[candidate][0])
                     and effective_settings(by_policy[candidate][0]["config"])["lr"] == lr):
                 return candidate
-    return reference if reference in by_policy else None
+    return _reference_label(by_policy, reference)
+
+
+def _reference_label(by_policy, reference: str = BASELINE) -> str | None:
+    """The row of ``reference``: labelled so, or so plus settings that every row's label shares."""
+    if reference in by_policy:
+        return reference
+    shared = set.intersection(*(set(p.split(" ")[1:]) for p in by_policy)) if by_policy else set()
+    extra = set(reference.split(" ")[1:])
+    return next((p for p in sorted(by_policy) if p.split(" ")[0] == reference.split(" ")[0]
+                 and set(p.split(" ")[1:]) - extra <= shared), None)
 
 
 def holm(pvalues: list[float]) -> list[float]:

@@ -225,3 +225,18 @@ def test_report_compares_task_il_accuracy_when_every_run_has_it(tmp_path):
     row = next(line for line in report.splitlines() if line.startswith("| `adam_cm/keep` | `adam` |"))
     assert row.split("|")[-2].strip().startswith("+10.00 ["), row  # the last column: Δ task-IL ACC
     assert "| 51.00 ± 1.00 |" in report  # adam: 50, 51, 52 %
+
+
+def test_the_reference_row_carries_the_settings_every_arm_shares(tmp_path):
+    """Under EWC every label carries ewc_lambda=100; the Adam row with it is the reference."""
+    from .test_experiments import fake_run
+
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        fake_run(runs, "adam ewc_lambda=100", "adam", seed, 0.0, strategy="ewc", cfg_extra={"ewc_lambda": 100.0})
+        fake_run(runs, "adam_cm/keep ewc_lambda=100", "adam_cm", seed, 0.05 + 0.01 * seed, strategy="ewc",
+                 cfg_extra={"ewc_lambda": 100.0})
+    assert cli(["report", str(runs)]) == 0
+    report = (runs / "report" / "report.md").read_text()
+    assert "| `adam_cm/keep ewc_lambda=100` | `adam ewc_lambda=100` | 3 | +4.00 [" in report
+    assert "no reference run" not in report
