@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cl_cm.names import BUFFERED, OPTIMIZER_NAMES, has_buffer
-from strategies.names import BOUNDARIES, KAPPA_SCHEDULES, RECIPES, STRATEGY_NAMES, strategy_options
+from strategies.names import BOUNDARIES, KAPPA_SCHEDULES, PLUGIN_SETTINGS, RECIPES, STRATEGY_NAMES, strategy_options
 
 #: benchmark -> its scenarios (Hsu et al. 2018, "Re-evaluating Continual Learning Scenarios"), the default first
 SCENARIOS = {
@@ -172,10 +172,10 @@ STRATEGY_FIELDS = {"ewc_lambda": "ewc_lambda", "si_lambda": "si_lambda", "lwf_al
                    "lwf_temperature": "temperature", "mem_size": "mem_size",
                    "patterns_per_exp": "patterns_per_exp", "sample_size": "sample_size",
                    "memory_strength": "memory_strength"}
-BUFFER_FIELDS = ("boundary", "factor", "min_size", "kappa_schedule", "kappa_start", "kappa_end")
+BUFFER_FIELDS = tuple(k for k in PLUGIN_SETTINGS if k != "reset_moments")
 #: what makes an arm of a comparison, apart from its benchmark, protocol and strategy: the optimizer,
-#: its settings, the buffer's policy and the resets at boundaries
-ARM_FIELDS = ("optimizer", *OPTIMIZER_FIELDS, *BUFFER_FIELDS, "reset_moments", "reset_optimizer_state")
+#: its settings, the plugin's (buffer policy, κ schedule, moments reset) and Avalanche's optimizer reset
+ARM_FIELDS = ("optimizer", *OPTIMIZER_FIELDS, *PLUGIN_SETTINGS, "reset_optimizer_state")
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
 
 

@@ -323,7 +323,7 @@ def _group_runs(runs):
 
 
 def _policy_order(policies, reference: str = BASELINE):
-    head, first = reference.split(" ")[0], _reference_label({p: None for p in policies}, reference)
+    head, first = reference.split(" ")[0], _reference_label(policies, reference)
     return sorted(policies, key=lambda p: (p != first, not p.startswith(head + " ") and p != head, p))
 
 
@@ -345,13 +345,15 @@ def _baseline_for(label: str, by_policy, reference: str = BASELINE) -> str | Non
     return _reference_label(by_policy, reference)
 
 
-def _reference_label(by_policy, reference: str = BASELINE) -> str | None:
-    """The row of ``reference``: labelled so, or so plus settings that every row's label shares."""
-    if reference in by_policy:
+def _reference_label(labels, reference: str = BASELINE) -> str | None:
+    """Among the row ``labels``, that of ``reference``: labelled so, or so plus
+    settings that every label shares."""
+    labels = sorted(labels)
+    if reference in labels:
         return reference
-    shared = set.intersection(*(set(p.split(" ")[1:]) for p in by_policy)) if by_policy else set()
+    shared = set.intersection(*(set(p.split(" ")[1:]) for p in labels)) if labels else set()
     extra = set(reference.split(" ")[1:])
-    return next((p for p in sorted(by_policy) if p.split(" ")[0] == reference.split(" ")[0]
+    return next((p for p in labels if p.split(" ")[0] == reference.split(" ")[0]
                  and set(p.split(" ")[1:]) - extra <= shared), None)
 
 
@@ -529,7 +531,12 @@ def _mechanism(by_policy, policies) -> list[str]:
             means = [(np.nanmean(table[p][:, i]), table[p][:, 3].mean()) for p in policies
                      if np.isfinite(table[p][:, i]).any()]
             if len(means) >= 4:
-                rho, pval = spearmanr([a for a, _ in means], [b for _, b in means])
+                xs, ys = [a for a, _ in means], [b for _, b in means]
+                if len(set(xs)) == 1 or len(set(ys)) == 1:  # a rank correlation with a constant is undefined
+                    lines.append(f"- {name} against forgetting over the {len(means)} arms' means: no rank "
+                                 "correlation, one of them is the same for every arm.")
+                    continue
+                rho, pval = spearmanr(xs, ys)
                 lines.append(f"- {name} against forgetting over the {len(means)} arms' means: Spearman ρ = "
                              f"{rho:+.2f} (p = {pval:.3g}).")
         lines.append("")
@@ -552,12 +559,12 @@ def _value(m: dict[str, Any], key: str):
     return m["task_il"]["acc"] if key == TASK_IL[0] else m[key]
 
 
-def paired_differences(by_policy, policies, reference: str = BASELINE) -> list[dict[str, Any]]:
+def paired_differences(by_policy, policies, reference: str = BASELINE, metrics=None) -> list[dict[str, Any]]:
     """Per arm other than the reference: its reference row, the pairs, and for
     each metric (:func:`compared_metrics`) the mean difference, the 95% CI
     half-width, the paired t-test p-value and its Holm adjustment over the
     arms (one family per metric)."""
-    metrics = compared_metrics(by_policy)
+    metrics = metrics or compared_metrics(by_policy)
     rows = []
     for policy in policies:
         baseline = _baseline_for(policy, by_policy, reference)
@@ -588,10 +595,10 @@ def _p_text(p: float) -> str:
 
 
 def _paired(by_policy, policies, reference: str = BASELINE) -> list[str]:
-    rows = paired_differences(by_policy, policies, reference)
+    metrics = compared_metrics(by_policy)
+    rows = paired_differences(by_policy, policies, reference, metrics)
     if not rows:
         return []
-    metrics = compared_metrics(by_policy)
     lines = [f"Paired difference to the reference arm `{reference}` (same seeds; untuned rows against the "
              "reference at the same learning rate), mean, 95% CI and Holm-adjusted p-value (over the "
              f"{len(rows)} arms of this table):", "",

@@ -236,7 +236,9 @@ class RunKind:
 
     def defaults(self, cfg) -> dict[str, Any]:
         """Each setting's default, for settings absent from an older ``config.json``."""
-        return {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cfg)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
 
     def protocol(self, cfg) -> str:
         return ""

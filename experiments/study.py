@@ -136,7 +136,11 @@ def _tune_spec(info: dict[str, Any], out: Path, quick: bool, overrides) -> dict[
             settings = {k: v for k, v in chosen["settings"].items() if k in C.ARM_FIELDS}
             cfg = C.from_mapping({**base, **settings, "strategy": strategies[0]}, "best_of")
             space = next((a.space for a in arms if a.cfg.optimizer == cfg.optimizer), chosen.get("space"))
-            extra.append({**arm_grid(cfg, base), "strategy": strategies, "space": space or arms[0].space})
+            if not space:
+                raise C.ConfigError(f"{info['name']}: best_of arm {chosen.get('label', cfg.optimizer)!r} has no "
+                                    f"search space: give this file a [[grid]] of optimizer {cfg.optimizer!r}, or "
+                                    f"tune {best['study']} again with cl-cm (its tuned.toml records each space)")
+            extra.append({**arm_grid(cfg, base), "strategy": strategies, "space": space})
         arms += load_spec({**spec, "space": {}, "grid": extra}, overrides).arms
     if quick:
         arms = [a for a in arms if C.run_label(a.cfg) in info["quick"]]

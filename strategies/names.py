@@ -20,8 +20,9 @@ KAPPA_SCHEDULES = ("constant", "linear", "cosine")
 RECIPES: dict[str, dict[str, Any]] = {
     "recommended": {"optimizer": "adam_cm", "second_moment": "gradient", "boundary": "shrink", "factor": 0.5},
 }
-#: the keys of a recipe that configure the plugin (the others configure the optimizer)
-RECIPE_PLUGIN_KEYS = ("boundary", "factor")
+#: the settings of :class:`~strategies.CriticalMomentaPlugin` (its arguments): the buffer's policy at
+#: boundaries, the κ schedule and the moments reset; in a recipe, the keys that configure the plugin
+PLUGIN_SETTINGS = ("boundary", "factor", "min_size", "kappa_schedule", "kappa_start", "kappa_end", "reset_moments")
 
 #: strategy name -> its own hyperparameters with make_strategy's defaults
 STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {

@@ -12,7 +12,7 @@ The learning rate still has to be tuned for each benchmark (``cl-cm tune``).
 """
 from __future__ import annotations
 
-from .names import RECIPE_PLUGIN_KEYS, RECIPES
+from .names import PLUGIN_SETTINGS, RECIPES
 
 
 def recipe_parts(name: str = "recommended") -> tuple[str, dict, dict]:
@@ -22,7 +22,7 @@ def recipe_parts(name: str = "recommended") -> tuple[str, dict, dict]:
         raise ValueError(f"Unknown recipe {name!r}; use one of {tuple(RECIPES)}.")
     settings = dict(RECIPES[name])
     optimizer = settings.pop("optimizer")
-    plugin = {k: settings.pop(k) for k in RECIPE_PLUGIN_KEYS if k in settings}
+    plugin = {k: settings.pop(k) for k in PLUGIN_SETTINGS if k in settings}
     return optimizer, settings, plugin
 
 

@@ -130,6 +130,9 @@ def test_continual_figures_tell_every_task_and_arm_apart(tmp_path, figures, t):
     table = [line for line in mechanism.split("\n\n")[1].splitlines() if line.startswith("| `")]
     assert len(table) == len(arms) and "mean λmax after learning" in mechanism.splitlines()[2]
     assert ("Spearman ρ" in mechanism) == (len(arms) >= 4)
+    ranks = [line for line in mechanism.splitlines() if "against forgetting over the" in line]
+    assert len(ranks) == (3 if len(arms) >= 4 else 0)  # one per column: a correlation, or why there is none
+    assert all(("Spearman ρ = " in line and "nan" not in line) or "no rank correlation" in line for line in ranks)
 
     # heatmaps: every matrix coloured on one scale with a labelled colour bar
     heat = figures[f"{slug}-accuracy-matrix"]

@@ -404,3 +404,13 @@ def test_the_recipe_flag_sets_the_recommended_arm_and_refuses_contradictions():
         C.resolve(C.RunConfig(recipe="recommended", boundary="decay", factor=0.5))
     with pytest.raises(C.ConfigError, match="recipe recommended sets optimizer"):
         C.resolve(C.RunConfig(recipe="recommended", optimizer="sgd"))
+
+
+def test_the_plugin_settings_are_declared_once():
+    """strategies.names.PLUGIN_SETTINGS are CriticalMomentaPlugin's arguments (recipes split on them)."""
+    import inspect
+
+    from strategies import CriticalMomentaPlugin
+    from strategies.names import PLUGIN_SETTINGS
+
+    assert tuple(inspect.signature(CriticalMomentaPlugin.__init__).parameters)[1:] == PLUGIN_SETTINGS

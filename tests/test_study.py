@@ -108,3 +108,22 @@ def test_an_arm_taken_from_another_benchmark_is_tuned_and_run_on_this_one(tmp_pa
     assert len(taken) == 1 and taken[0]["space"] == {"lr": [0.0002, 0.002]}  # this file's space for adam_cm
     assert sorted(p.name for p in (out / "tuning" / "split" / "trials").iterdir()) == ["split_mnist-task-smoke"]
     assert sorted(p.name for p in (out / "results" / "split").iterdir()) == ["split_mnist-task-smoke"]
+
+
+def test_an_arm_taken_without_a_search_space_is_refused_before_anything_runs(tmp_path, capsys):
+    """A best_of arm needs a space: this file's for its optimizer, or the one its tuned.toml records."""
+    root = write_mnist(tmp_path / "data", n_train=60, n_test=20)
+    out = tmp_path / "out"
+    (out / "tuning" / "naive").mkdir(parents=True)
+    (out / "tuning" / "naive" / "tuned.toml").write_text(
+        '[[arm]]\nlabel = "permuted_mnist smoke naive adam_cm/keep"\n'
+        'settings = { benchmark = "permuted_mnist", optimizer = "adam_cm", boundary = "keep" }\n'
+        'chosen = { lr = 0.001 }\nvalidation_acc = 0.5\n')
+    study = tmp_path / "20_ewc.toml"
+    study.write_text(STUDY.format(name="ewc", extra='best_of = { study = "naive", optimizer = ["adam_cm"], top = 1 }',
+                                  root=root, strategy="ewc", base="ewc_lambda = 10.0")
+                     + '[[grid]]\noptimizer = ["adam"]\n[grid.space]\nlr = [0.0003, 0.003]\n')
+    assert cli(["study", str(study), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "has no search space" in err and "optimizer 'adam_cm'" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "tuning" / "ewc").exists() and not (out / "results").exists()
