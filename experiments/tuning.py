@@ -268,13 +268,25 @@ def open_storage(url: str):
     return url
 
 
-def _sampler(arm: Arm, seed: int):
-    """Optuna's grid sampler for a space of lists, TPE otherwise."""
+def _sampler(arm: Arm, seed: int, ask_lock: Path | None = None):
+    """Optuna's grid sampler for a space of lists, TPE otherwise. With
+    ``ask_lock``, workers sharing a storage choose grid points one at a time:
+    the grid sampler picks a point no trial holds yet (``before_trial``), and
+    two workers picking at once could both take the same one."""
     import optuna
 
-    if _grid_size(arm.space) is not None:
-        return optuna.samplers.GridSampler(arm.space, seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    if _grid_size(arm.space) is None:
+        return optuna.samplers.TPESampler(seed=seed)
+    sampler = optuna.samplers.GridSampler(arm.space, seed=seed)
+    if ask_lock is not None:
+        choose = sampler.before_trial
+
+        def before_trial(study, trial):
+            with _file_lock(ask_lock):
+                choose(study, trial)
+
+        sampler.before_trial = before_trial
+    return sampler
 
 
 def _suggest(trial, key: str, value):
@@ -431,7 +443,8 @@ def worker(spec: TuneSpec, storage: str, out: str | Path, threads: int | None = 
         n_budget = budget(spec, arm)
         with _file_lock(out / "locks" / "ask.lock"):
             study = optuna.create_study(study_name=arm.key, storage=store, direction="maximize",
-                                        sampler=_sampler(arm, seed), load_if_exists=True)
+                                        sampler=_sampler(arm, seed, out / "locks" / "ask.lock"),
+                                        load_if_exists=True)
             _heal_stale(study, out)
             if _used(study) >= n_budget and not _waiting(study):
                 continue
