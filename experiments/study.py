@@ -11,11 +11,13 @@ A study file is a tune file (see :mod:`experiments.tuning`: ``[tune]``,
 
     # optional: arms taken from another study of the folder, by validation score
     best_of = { study = "permuted_mnist_cpu", optimizer = ["adam_cm"], top = 3 }
+    # optional in best_of: their search space here, e.g. space = { lr = [1e-4, 3e-4, 1e-3] }
 
 An arm taken by ``best_of`` brings its optimizer, optimizer settings and
 buffer policy, never its benchmark, protocol or strategy: it is tuned and
-run on this file's ``[base]``, over this file's search space for its
-optimizer (else the space it was tuned over in the other study).
+run on this file's ``[base]``, over the ``space`` of ``best_of`` if given,
+else this file's search space for its optimizer, else the space it was tuned
+over in the other study.
 
 Files run in the order of their names. For each: ``cl-cm tune`` writes
 ``OUT/tuning/<name>/tuned.toml``; the reporting sweep (each arm × the reported
@@ -84,7 +86,10 @@ def _settings(path: Path) -> dict[str, Any]:
         if not isinstance(best, dict):
             raise C.ConfigError(f"{path}: [study] best_of must be a table {{ study = ..., optimizer = [...], "
                                 f"top = N }}, got {best!r}")
-        C.check_keys(best, f"[study] best_of of {path}", allowed=("study", "optimizer", "top"))
+        C.check_keys(best, f"[study] best_of of {path}", allowed=BEST_OF_KEYS)
+        if "space" in best and (not isinstance(best["space"], dict) or not best["space"]):
+            raise C.ConfigError(f"{path}: [study] best_of space must be a table of search values, e.g. "
+                                f"space = {{ lr = [1e-4, 3e-4, 1e-3] }}, got {best['space']!r}")
         folder_name(best.get("study"), f"{path}: [study] best_of study")
         top = best.get("top", 3)
         if isinstance(top, bool) or not isinstance(top, int) or top < 1:
@@ -95,6 +100,10 @@ def _settings(path: Path) -> dict[str, Any]:
         for name_ in optimizers:
             C.check_choice("optimizer in [study] best_of", name_, C.BUFFERED)
     return {"spec": spec, "name": name, "seeds": seeds, "quick": quick, "best_of": best}
+
+
+#: the keys of [study] best_of
+BEST_OF_KEYS = ("study", "optimizer", "top", "space")
 
 
 def arm_grid(cfg: C.RunConfig, base: dict[str, Any]) -> dict[str, list]:
@@ -123,7 +132,7 @@ def _tune_spec(info: dict[str, Any], out: Path, quick: bool, overrides) -> dict[
     arms = load_spec(spec, overrides).arms
     best = info["best_of"]
     if best:
-        C.check_keys(best, "[study] best_of", allowed=("study", "optimizer", "top"))
+        C.check_keys(best, "[study] best_of", allowed=BEST_OF_KEYS)
         source = out / "tuning" / best["study"] / "tuned.toml"
         ranked = sorted((a for a in load_tuned(source)
                          if a["settings"]["optimizer"] in best.get("optimizer", C.BUFFERED)),
@@ -132,13 +141,15 @@ def _tune_spec(info: dict[str, Any], out: Path, quick: bool, overrides) -> dict[
         extra = []
         for chosen in ranked[: best.get("top", 3)]:
             # the arm only (optimizer, its settings, buffer policy), on this file's benchmark and strategies;
-            # searched over this file's space for its optimizer, else over the space it was chosen from
+            # searched over best_of's space, else this file's space for its optimizer, else the one it was chosen from
             settings = {k: v for k, v in chosen["settings"].items() if k in C.ARM_FIELDS}
             cfg = C.from_mapping({**base, **settings, "strategy": strategies[0]}, "best_of")
-            space = next((a.space for a in arms if a.cfg.optimizer == cfg.optimizer), chosen.get("space"))
+            space = best.get("space") or next((a.space for a in arms if a.cfg.optimizer == cfg.optimizer),
+                                              chosen.get("space"))
             if not space:
                 raise C.ConfigError(f"{info['name']}: best_of arm {chosen.get('label', cfg.optimizer)!r} has no "
-                                    f"search space: give this file a [[grid]] of optimizer {cfg.optimizer!r}, or "
+                                    f"search space: give best_of a space, or this file a [[grid]] of optimizer "
+                                    f"{cfg.optimizer!r}, or "
                                     f"tune {best['study']} again with cl-cm (its tuned.toml records each space)")
             extra.append({**arm_grid(cfg, base), "strategy": strategies, "space": space})
         arms += load_spec({**spec, "space": {}, "grid": extra}, overrides).arms

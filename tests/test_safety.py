@@ -273,6 +273,8 @@ SUBCOMMAND_CASES = [
     ("study", _sub(STUDY, 'name = "s"', 'name = "s"\nbest_of = { study = "../x" }'), [],
      "best_of study must be a plain folder name"),
     ("study", _sub(STUDY, 'name = "s"', 'name = "s"\nbest_of = { study = "t", top = 0 }'), [], "top must be"),
+    ("study", _sub(STUDY, 'name = "s"', 'name = "s"\nbest_of = { study = "t", space = [0.1] }'), [],
+     "best_of space must be a table"),
     ("study", STUDY, ["--jobs", "0"], "--jobs must be an integer >= 1, got 0"),
     ("study", _sub(STUDY, "lr = [0.001]", "lr = [0.0]"), [], "[space] lr: lr must be a finite number > 0"),
 ]

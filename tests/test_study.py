@@ -127,3 +127,22 @@ def test_an_arm_taken_without_a_search_space_is_refused_before_anything_runs(tmp
     err = capsys.readouterr().err
     assert "has no search space" in err and "optimizer 'adam_cm'" in err and len(err.strip().splitlines()) == 1
     assert not (out / "tuning" / "ewc").exists() and not (out / "results").exists()
+
+
+def test_best_of_space_is_the_search_space_of_the_arms_it_takes(tmp_path):
+    """``space`` in best_of overrides both this file's space and the recorded one."""
+    from experiments.study import _settings, _tune_spec
+
+    out = tmp_path / "out"
+    (out / "tuning" / "naive").mkdir(parents=True)
+    (out / "tuning" / "naive" / "tuned.toml").write_text(
+        '[[arm]]\nlabel = "permuted_mnist smoke naive adam_cm/keep"\n'
+        'settings = { benchmark = "permuted_mnist", optimizer = "adam_cm", boundary = "keep" }\n'
+        'chosen = { lr = 0.001 }\nvalidation_acc = 0.5\nspace = { lr = [0.0001, 0.001] }\n')
+    study = tmp_path / "20_ewc.toml"
+    extra = 'best_of = { study = "naive", optimizer = ["adam_cm"], top = 1, space = { lr = [0.001, 0.003, 0.01] } }'
+    study.write_text(STUDY.format(name="ewc", extra=extra, root=tmp_path, strategy="ewc", base="ewc_lambda = 10.0")
+                     + '[[grid]]\noptimizer = ["adam_cm"]\nboundary = ["reset"]\n[grid.space]\nlr = [0.0003]\n')
+    grids = _tune_spec(_settings(study), out, quick=False, overrides=None)["grid"]
+    spaces = {g["boundary"][0]: g["space"] for g in grids}
+    assert spaces == {"reset": {"lr": [0.0003]}, "keep": {"lr": [0.001, 0.003, 0.01]}}
