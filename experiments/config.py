@@ -513,7 +513,23 @@ def from_mapping(values: dict[str, Any], where: str, base=None, cls=None):
     if cls is None:
         cls = type(base) if base is not None else RunConfig
     check_keys(values, where, allowed=tuple(f.name for f in fields(cls)))
+    check_recipe_given(values, where)
     return dataclasses.replace(base or cls(), **values)
+
+
+def check_recipe_given(values: dict[str, Any], where: str) -> None:
+    """A ConfigError where ``values`` (settings given explicitly: a file's, the
+    flags') names a recipe and gives one of its settings another value, even
+    that setting's default (which :func:`apply_recipe`, seeing only the
+    config, cannot tell from a setting left unset)."""
+    recipe = values.get("recipe")
+    if recipe is None:
+        return
+    check_choice("recipe", recipe, tuple(RECIPES))
+    for key, value in RECIPES[recipe].items():
+        if key in values and values[key] != value:
+            raise ConfigError(f"{where}: recipe {recipe} sets {key} = {value!r}, but {key} = {values[key]!r} was "
+                              "given; drop one of them")
 
 
 def protocol(name: str, preset: str, allowed=PROTOCOL_FIELDS) -> dict[str, Any]:
@@ -778,7 +794,9 @@ def from_args(args: argparse.Namespace, cls=None):
     cls = cls or RunConfig
     names = {f.name for f in fields(cls)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    base = cls()
+    base, given = cls(), {}
     if getattr(args, "config", None):
-        base = from_mapping(load_file(args.config), str(args.config), cls=cls)
+        given = load_file(args.config)
+        base = from_mapping(given, str(args.config), cls=cls)
+    check_recipe_given({**given, **values}, "the command line")
     return dataclasses.replace(base, **values)

@@ -406,6 +406,27 @@ def test_the_recipe_flag_sets_the_recommended_arm_and_refuses_contradictions():
         C.resolve(C.RunConfig(recipe="recommended", optimizer="sgd"))
 
 
+@pytest.mark.parametrize("given", [["--boundary", "keep"], ["--second-moment", "aggregated"]])
+def test_a_recipe_refuses_a_default_value_given_explicitly(given, tmp_path, capsys, monkeypatch):
+    """--boundary keep is the default, but given with --recipe it is a contradiction, not "unset":
+    refused on the command line and in a config file, before anything is written."""
+    from experiments import config as C
+    from experiments.cli import _parser
+    from experiments.cli import main as cli
+
+    args = _parser().parse_args(["run", "--recipe", "recommended", *given])
+    with pytest.raises(C.ConfigError, match=f"but {given[0][2:].replace('-', '_')} = '{given[1]}' was given"):
+        C.from_args(args)
+    key = given[0][2:].replace("-", "_")
+    with pytest.raises(C.ConfigError, match="recipe recommended sets"):
+        C.from_mapping({"recipe": "recommended", key: given[1]}, "x.toml")
+    monkeypatch.chdir(tmp_path)
+    assert cli(["run", "--recipe", "recommended", *given, "--benchmark", "permuted_mnist", "--preset", "smoke",
+                "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "drop one of them" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_the_plugin_settings_are_declared_once():
     """strategies.names.PLUGIN_SETTINGS are CriticalMomentaPlugin's arguments (recipes split on them)."""
     import inspect
