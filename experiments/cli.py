@@ -75,6 +75,10 @@ REPORT_HELP = """\
 Write the report (tables and figures) of every finished run under a folder."""
 
 
+NEW_JOURNAL_HELP = ("where a folder was tuned over other arms or grids (an extended grid), set its journal aside "
+                    "(OUT/earlier/N) and tune the new ones, reusing finished trials at the same values")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="cl-cm", description="Adam+CM continual-learning experiments.",
                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -111,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
                                         "postgresql://... (default: the journal file OUT/optuna.journal)")
     tune.add_argument("--data-root", help="overrides [base] data_root")
     tune.add_argument("--device", help="overrides [base] device")
+    tune.add_argument("--new-journal", action="store_true", help=NEW_JOURNAL_HELP)
     _executor_arguments(tune)
 
     study = sub.add_parser("study", help="tune every arm on validation data, then run it on the test data, for a "
@@ -125,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--data-root", help="overrides [base] data_root")
     study.add_argument("--device", help="overrides [base] device")
     study.add_argument("--dry-run", action="store_true", help="list the studies and their arms, and exit")
+    study.add_argument("--new-journal", action="store_true", help=NEW_JOURNAL_HELP)
     _executor_arguments(study)
 
     sup = sub.add_parser("supervised", help="CIFAR-10/100 or Penn Treebank training, the paper's benchmarks",
@@ -210,7 +216,7 @@ def main(argv=None) -> int:
             executor = _executor(args)
             with executor or contextlib.nullcontext():
                 summary = run_study(args.target, args.out, args.jobs if executor else args.jobs or 1, args.quick,
-                                    overrides, executor=executor)
+                                    overrides, executor=executor, new_journal=args.new_journal)
             print(f"study: {sum(s['runs'] for s in summary['studies'])} reported runs, "
                   f"{summary['runs_failed']} failed, {summary['seconds'] / 60:.1f} min")
             return 1 if summary["runs_failed"] else 0
@@ -225,7 +231,7 @@ def main(argv=None) -> int:
             executor = _executor(args)
             with executor or contextlib.nullcontext():
                 tune(args.file, out=args.out, trials=args.trials, jobs=args.jobs, storage=args.storage,
-                     overrides=overrides, executor=executor)
+                     overrides=overrides, executor=executor, new_journal=args.new_journal)
         elif args.command == "toy":
             return _toy(args)
         elif args.command == "report":

@@ -168,7 +168,8 @@ def _labels(spec: dict[str, Any], overrides) -> list[str]:
 
 
 def run_study(target: str | Path, out: str | Path = "runs/study", jobs: int = 1, quick: bool = False,
-              overrides: dict[str, Any] | None = None, report: bool = True, executor=None) -> dict[str, Any]:
+              overrides: dict[str, Any] | None = None, report: bool = True, executor=None,
+              new_journal: bool = False) -> dict[str, Any]:
     """Tune, then run, every study file of ``target`` on ``executor`` (default:
     this machine, ``jobs`` processes); returns a summary."""
     from .io import write_text
@@ -200,7 +201,8 @@ def run_study(target: str | Path, out: str | Path = "runs/study", jobs: int = 1,
         tune_dir.mkdir(parents=True, exist_ok=True)
         write_text(tune_file, _spec_toml(spec, _toml))
         print(f"study {info['name']}: tuning ({path})", flush=True)
-        tuned = tune(tune_file, out=str(tune_dir), jobs=jobs, overrides=overrides, executor=executor)
+        tuned = tune(tune_file, out=str(tune_dir), jobs=jobs, overrides=overrides, executor=executor,
+                     new_journal=new_journal)
         sweep = {"base": {**spec.get("base", {}), "tuned": str(tuned)},
                  "grid": [{**{k: v for k, v in g.items() if k != "space"}, "seed": info["seeds"]}
                           for g in spec["grid"]]}

@@ -498,11 +498,14 @@ def _progress(arm: Arm, number: int, n_budget: int, params, result, error, study
 # ------------------------------------------------------------ the command
 def tune(path: str | Path, out: str | None = None, trials: int | None = None, jobs: int | None = None,
          storage: str | None = None, overrides: dict[str, Any] | None = None, seed: int = 0,
-         executor=None) -> Path:
+         executor=None, new_journal: bool = False) -> Path:
     """Tune every arm of the file at ``path``; write and return ``tuned.toml``.
     The workers run on ``executor`` (default: this machine, ``jobs``
     processes); on Ray, ``jobs`` workers (default: as many runs as the cluster
-    holds at once, at most one per trial), each a task sharing the storage."""
+    holds at once, at most one per trial), each a task sharing the storage.
+    A folder tuned with other arms or grids is refused, unless ``new_journal``:
+    then its journal is set aside (:func:`set_aside`) and the new grid tuned,
+    reusing the finished trials it shares with the old one."""
     from .data import DataNotFoundError
     from .executors import LocalExecutor
     from .io import RunLocked, read_json, write_json
@@ -523,9 +526,16 @@ def tune(path: str | Path, out: str | None = None, trials: int | None = None, jo
             raise C.ConfigError(f"{saved} cannot be read ({type(e).__name__}); choose another --out or delete "
                                 "that folder") from None
         changed = sorted(k for k in record if k != "file" and previous.get(k) != record[k])
+        if changed and not new_journal:
+            raise C.ConfigError(f"{out_dir} holds a tune with other settings ({', '.join(changed)} differ); run "
+                                "again with --new-journal to tune the new ones there (finished trials are reused), "
+                                "or choose another --out")
+        if changed and storage is not None:
+            raise C.ConfigError(f"--new-journal starts a new journal in {out_dir}; with --storage, give a new "
+                                "storage instead")
         if changed:
-            raise C.ConfigError(f"{out_dir} holds a tune with other settings ({', '.join(changed)} differ); choose "
-                                "another --out or delete that folder")
+            print(f"tune: {', '.join(changed)} changed; the earlier journal is now in {set_aside(out_dir)}; "
+                  "finished trials at the same values are reused", flush=True)
     url = storage_url(out_dir, storage)
     executor = executor or LocalExecutor(spec.jobs)
     slot = executor.slot([a.cfg for a in spec.arms])  # before anything is written: a run must fit a node
@@ -555,6 +565,25 @@ def tune(path: str | Path, out: str | None = None, trials: int | None = None, jo
     result = write_tuned(spec, url, out_dir, path)
     print(f"tune: done in {time.perf_counter() - started:.0f} s; chosen settings in {result}", flush=True)
     return result
+
+
+#: what set_aside moves: the journal and records of one grid (trial folders stay, to be reused)
+JOURNAL_FILES = ("optuna.journal", "tune.json", "tuned.toml", "locks")
+
+
+def set_aside(out_dir: Path) -> Path:
+    """Move the journal, ``tune.json``, ``tuned.toml`` and the trial locks of
+    ``out_dir`` to ``out_dir/earlier/N`` (the next free N), and return it. The
+    trial folders stay: a trial of the new grid at the values of a finished
+    one reads its runs instead of repeating them."""
+    earlier = out_dir / "earlier"
+    n = 1 + max((int(p.name) for p in earlier.iterdir() if p.name.isdigit()), default=0) if earlier.is_dir() else 1
+    target = earlier / str(n)
+    target.mkdir(parents=True)
+    for name in JOURNAL_FILES:
+        if (out_dir / name).exists():
+            (out_dir / name).rename(target / name)
+    return target
 
 
 def _check_out(out_dir: Path) -> None:

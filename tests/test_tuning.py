@@ -265,3 +265,31 @@ def test_a_tuned_file_whose_arms_do_not_match_the_sweep_is_refused(data_root, tm
                      '[grid]\noptimizer = ["adam"]\nlr = [0.01]\nseed = [0]\n')
     assert cli(["sweep", str(sweep), "--out", str(tmp_path / "s"), "--tuned", str(tmp_path / "t" / "tuned.toml")]) == 2
     assert "also tuned in" in capsys.readouterr().err
+
+
+def test_an_extended_grid_is_refused_then_tuned_with_new_journal_reusing_finished_trials(data_root, tmp_path, capsys):
+    """The way to widen a grid whose choice sat at an edge: --new-journal sets the old
+    journal aside and reuses the trials at values both grids share."""
+    out = tmp_path / "t"
+    spec = tune_file(tmp_path / "t.toml", data_root, "lr = [0.0003, 0.001]", extra="seeds = [0]")
+    assert cli(["tune", str(spec), "--out", str(out)]) == 0
+    first = {p: p.stat().st_mtime_ns for p in (out / "trials").rglob("metrics.json")}
+    assert len(first) == 2
+    spec = tune_file(tmp_path / "t.toml", data_root, "lr = [0.001, 0.003]", extra="seeds = [0]")
+    capsys.readouterr()
+    assert cli(["tune", str(spec), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (space differ)" in err and "--new-journal" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "earlier").exists()
+    assert cli(["tune", str(spec), "--out", str(out), "--new-journal"]) == 0
+    assert "earlier journal is now in" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "earlier" / "1").iterdir()) == ["locks", "optuna.journal", "tune.json",
+                                                                        "tuned.toml"]
+    arm = tomllib.loads((out / "tuned.toml").read_text())["arm"][0]
+    assert arm["space"] == {"lr": [0.001, 0.003]} and arm["trials"] == 2
+    now = {p: p.stat().st_mtime_ns for p in (out / "trials").rglob("metrics.json")}
+    assert len(now) == 3  # one new run (lr 0.003); the run at lr 0.001 was read, not repeated
+    assert all(now[p] == t for p, t in first.items())
+    # with nothing changed, the flag sets nothing aside
+    assert cli(["tune", str(spec), "--out", str(out), "--new-journal"]) == 0
+    assert sorted(p.name for p in (out / "earlier").iterdir()) == ["1"]
