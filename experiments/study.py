@@ -206,6 +206,11 @@ def run_study(target: str | Path, out: str | Path = "runs/study", jobs: int = 1,
         sweep = {"base": {**spec.get("base", {}), "tuned": str(tuned)},
                  "grid": [{**{k: v for k, v in g.items() if k != "space"}, "seed": info["seeds"]}
                           for g in spec["grid"]]}
+        if new_journal:
+            moved = set_aside_retuned_runs(sweep, out / "results" / info["name"], tune_dir, overrides)
+            if moved:
+                print(f"study {info['name']}: {len(moved)} reporting run(s) made at earlier tuned values moved "
+                      f"into {tune_dir / 'earlier'}", flush=True)
         print(f"study {info['name']}: {len(info['seeds'])} seeds per arm on the test data", flush=True)
         statuses = run_sweep(sweep, out / "results" / info["name"], jobs, overrides, progress=True,
                              executor=executor)
@@ -221,6 +226,33 @@ def run_study(target: str | Path, out: str | Path = "runs/study", jobs: int = 1,
         summary["report"] = str(render(out / "results"))
         print(f"report: {summary['report']}", flush=True)
     return summary
+
+
+def set_aside_retuned_runs(sweep: dict[str, Any], results: Path, tune_dir: Path, overrides=None) -> list[Path]:
+    """After ``--new-journal``: move each reporting run of ``results`` made at
+    other tuned values than the arm's in ``tuned.toml`` now to
+    ``tune_dir/earlier/N/results/`` (N the latest journal set aside), so that
+    the arm is run again at its new values; return where they went. A run at
+    the same values stays and is read, not repeated."""
+    from .io import read_json
+    from .sweep import expand
+    from .tuning import tuned_keys
+
+    earlier = tune_dir / "earlier"
+    moved = []
+    for cell in expand(sweep, results, overrides):
+        saved = Path(cell.out) / "config.json"
+        if not saved.exists():
+            continue
+        recorded = read_json(saved).get("config", {})
+        if all(recorded.get(k) == getattr(cell, k) for k in tuned_keys(cell)):
+            continue
+        n = max((int(p.name) for p in earlier.iterdir() if p.name.isdigit()), default=1) if earlier.is_dir() else 1
+        target = earlier / str(n) / "results" / Path(cell.out).relative_to(results)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Path(cell.out).rename(target)
+        moved.append(target)
+    return moved
 
 
 def _spec_toml(spec: dict[str, Any], toml) -> str:

@@ -146,3 +146,30 @@ def test_best_of_space_is_the_search_space_of_the_arms_it_takes(tmp_path):
     grids = _tune_spec(_settings(study), out, quick=False, overrides=None)["grid"]
     spaces = {g["boundary"][0]: g["space"] for g in grids}
     assert spaces == {"reset": {"lr": [0.0003]}, "keep": {"lr": [0.001, 0.003, 0.01]}}
+
+
+def test_a_widened_grid_retunes_with_new_journal_and_reruns_only_the_arms_whose_choice_moved(tmp_path, capsys):
+    root = write_mnist(tmp_path / "data", n_train=300, n_test=100)
+    study = tmp_path / "10_naive.toml"
+    arms = ('[[grid]]\noptimizer = ["adam"]\n[grid.space]\nlr = {adam}\n'
+            '[[grid]]\noptimizer = ["sgd"]\n[grid.space]\nlr = [1000.0, 0.01]\n')
+    text = STUDY.format(name="naive", extra="", root=root, strategy="naive", base="")
+    study.write_text(text + arms.format(adam="[1000.0, 0.0003]"))
+    out = tmp_path / "out"
+    assert cli(["study", str(study), "--out", str(out)]) == 0
+    results = out / "results" / "naive"
+    runs = sorted(results.rglob("config.json"))
+    assert len(runs) == 4
+    sgd_times = {p: p.stat().st_mtime_ns for p in runs if "sgd" in str(p)}
+    study.write_text(text + arms.format(adam="[1000.0, 0.003]"))  # Adam's choice moves from 0.0003 to 0.003
+    capsys.readouterr()
+    assert cli(["study", str(study), "--out", str(out)]) == 2
+    assert "--new-journal" in capsys.readouterr().err
+    assert cli(["study", str(study), "--out", str(out), "--new-journal"]) == 0
+    assert "2 reporting run(s) made at earlier tuned values moved" in capsys.readouterr().out
+    lrs = {p.parent.parent.name: read_json(p)["config"]["lr"] for p in results.rglob("config.json")}
+    assert lrs == {"adam": 0.003, "sgd": 0.01}
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("config.json") if "sgd" in str(p)} == sgd_times
+    old = list((out / "tuning" / "naive" / "earlier" / "1" / "results").rglob("config.json"))
+    assert len(old) == 2 and all(read_json(p)["config"]["lr"] == 0.0003 for p in old)
+    assert all(p.parent.joinpath("metrics.json").exists() for p in results.rglob("config.json"))
