@@ -236,9 +236,8 @@ def set_aside_retuned_runs(sweep: dict[str, Any], results: Path, tune_dir: Path,
     the same values stays and is read, not repeated."""
     from .io import read_json
     from .sweep import expand
-    from .tuning import tuned_keys
+    from .tuning import earlier_folder, tuned_keys
 
-    earlier = tune_dir / "earlier"
     moved = []
     for cell in expand(sweep, results, overrides):
         saved = Path(cell.out) / "config.json"
@@ -247,8 +246,7 @@ def set_aside_retuned_runs(sweep: dict[str, Any], results: Path, tune_dir: Path,
         recorded = read_json(saved).get("config", {})
         if all(recorded.get(k) == getattr(cell, k) for k in tuned_keys(cell)):
             continue
-        n = max((int(p.name) for p in earlier.iterdir() if p.name.isdigit()), default=1) if earlier.is_dir() else 1
-        target = earlier / str(n) / "results" / Path(cell.out).relative_to(results)
+        target = earlier_folder(tune_dir, new=False) / "results" / Path(cell.out).relative_to(results)
         target.parent.mkdir(parents=True, exist_ok=True)
         Path(cell.out).rename(target)
         moved.append(target)

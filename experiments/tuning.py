@@ -571,14 +571,19 @@ def tune(path: str | Path, out: str | None = None, trials: int | None = None, jo
 JOURNAL_FILES = ("optuna.journal", "tune.json", "tuned.toml", "locks")
 
 
+def earlier_folder(out_dir: Path, new: bool) -> Path:
+    """``out_dir/earlier/N``: the next free N (``new``), else the latest (1 if none)."""
+    earlier = out_dir / "earlier"
+    numbers = [int(p.name) for p in earlier.iterdir() if p.name.isdigit()] if earlier.is_dir() else []
+    return earlier / str(max(numbers, default=0) + 1 if new else max(numbers, default=1))
+
+
 def set_aside(out_dir: Path) -> Path:
     """Move the journal, ``tune.json``, ``tuned.toml`` and the trial locks of
     ``out_dir`` to ``out_dir/earlier/N`` (the next free N), and return it. The
     trial folders stay: a trial of the new grid at the values of a finished
     one reads its runs instead of repeating them."""
-    earlier = out_dir / "earlier"
-    n = 1 + max((int(p.name) for p in earlier.iterdir() if p.name.isdigit()), default=0) if earlier.is_dir() else 1
-    target = earlier / str(n)
+    target = earlier_folder(out_dir, new=True)
     target.mkdir(parents=True)
     for name in JOURNAL_FILES:
         if (out_dir / name).exists():
