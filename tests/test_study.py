@@ -110,15 +110,20 @@ def test_an_arm_taken_from_another_benchmark_is_tuned_and_run_on_this_one(tmp_pa
     assert sorted(p.name for p in (out / "results" / "split").iterdir()) == ["split_mnist-task-smoke"]
 
 
-def test_an_arm_taken_without_a_search_space_is_refused_before_anything_runs(tmp_path, capsys):
-    """A best_of arm needs a space: this file's for its optimizer, or the one its tuned.toml records."""
-    root = write_mnist(tmp_path / "data", n_train=60, n_test=20)
-    out = tmp_path / "out"
+def naive_tuned(out: Path, space: str) -> Path:
+    """``out`` holding the tuned.toml of a study "naive" with one Adam+CM arm (``space``: its recorded space)."""
     (out / "tuning" / "naive").mkdir(parents=True)
     (out / "tuning" / "naive" / "tuned.toml").write_text(
         '[[arm]]\nlabel = "permuted_mnist smoke naive adam_cm/keep"\n'
         'settings = { benchmark = "permuted_mnist", optimizer = "adam_cm", boundary = "keep" }\n'
-        'chosen = { lr = 0.001 }\nvalidation_acc = 0.5\n')
+        f'chosen = {{ lr = 0.001 }}\nvalidation_acc = 0.5\n{space}\n')
+    return out
+
+
+def test_an_arm_taken_without_a_search_space_is_refused_before_anything_runs(tmp_path, capsys):
+    """A best_of arm needs a space: this file's for its optimizer, or the one its tuned.toml records."""
+    root = write_mnist(tmp_path / "data", n_train=60, n_test=20)
+    out = naive_tuned(tmp_path / "out", space="")
     study = tmp_path / "20_ewc.toml"
     study.write_text(STUDY.format(name="ewc", extra='best_of = { study = "naive", optimizer = ["adam_cm"], top = 1 }',
                                   root=root, strategy="ewc", base="ewc_lambda = 10.0")
@@ -133,12 +138,7 @@ def test_best_of_space_is_the_search_space_of_the_arms_it_takes(tmp_path):
     """``space`` in best_of overrides both this file's space and the recorded one."""
     from experiments.study import _settings, _tune_spec
 
-    out = tmp_path / "out"
-    (out / "tuning" / "naive").mkdir(parents=True)
-    (out / "tuning" / "naive" / "tuned.toml").write_text(
-        '[[arm]]\nlabel = "permuted_mnist smoke naive adam_cm/keep"\n'
-        'settings = { benchmark = "permuted_mnist", optimizer = "adam_cm", boundary = "keep" }\n'
-        'chosen = { lr = 0.001 }\nvalidation_acc = 0.5\nspace = { lr = [0.0001, 0.001] }\n')
+    out = naive_tuned(tmp_path / "out", space="space = { lr = [0.0001, 0.001] }")
     study = tmp_path / "20_ewc.toml"
     extra = 'best_of = { study = "naive", optimizer = ["adam_cm"], top = 1, space = { lr = [0.001, 0.003, 0.01] } }'
     study.write_text(STUDY.format(name="ewc", extra=extra, root=tmp_path, strategy="ewc", base="ewc_lambda = 10.0")
