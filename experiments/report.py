@@ -35,8 +35,9 @@ from .io import read_json, write_text
 
 METRICS = (("acc", "ACC (%)", 100), ("bwt", "BWT (pp)", 100), ("forgetting", "forgetting (pp)", 100),
            ("learning_accuracy", "LA (%)", 100))
-#: class-incremental runs also record ACC with the task given (metrics.json "task_il"), compared like the others
-TASK_IL = ("task_il_acc", "task-IL ACC (%)", 100)
+#: class-incremental runs also record ACC with the task given (metrics.json "task_il"), compared like the others;
+#: a dotted key is a path into metrics.json
+TASK_IL = ("task_il.acc", "task-IL ACC (%)", 100)
 ANCHORS = Path(__file__).parent / "anchors.toml"
 BASELINE = "adam"
 
@@ -556,7 +557,10 @@ def compared_metrics(by_policy) -> tuple[tuple[str, str, int], ...]:
 
 
 def _value(m: dict[str, Any], key: str):
-    return m["task_il"]["acc"] if key == TASK_IL[0] else m[key]
+    """The metric ``key`` of metrics.json ``m``; a dotted key is a path ("task_il.acc")."""
+    for part in key.split("."):
+        m = m[part]
+    return m
 
 
 def paired_differences(by_policy, policies, reference: str = BASELINE, metrics=None) -> list[dict[str, Any]]:
