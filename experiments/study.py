@@ -272,8 +272,14 @@ def _spec_toml(spec: dict[str, Any], toml) -> str:
 
 
 def describe(target: str | Path, overrides=None, quick: bool = False, out: str | Path = "runs/study") -> list[str]:
-    """One line per study file: its arms and runs (for --dry-run)."""
-    lines = []
+    """One line per study file: its arms and the runs it takes (tuning trials
+    × tuning seeds, reporting arms × seeds), and a total line (for --dry-run).
+    The arms of ``best_of`` are counted from the other study's tuned.toml
+    under ``out`` once it exists, else as ``top`` arms over best_of's space or
+    this file's for their one optimizer ("?" trials where it is not known yet)."""
+    from .tuning import _grid_size, budget, load_spec
+
+    lines, totals, unknown = [], [0, 0], False
     for info in (_settings(p) for p in study_files(target)):
         if quick and not info["quick"]:
             continue
@@ -281,8 +287,26 @@ def describe(target: str | Path, overrides=None, quick: bool = False, out: str |
         labels = _labels(spec, overrides)
         if quick:
             labels = [label for label in labels if label in info["quick"]]
-        extra = f" + top {info['best_of'].get('top', 3)} of {info['best_of']['study']}" if info["best_of"] else ""
-        lines.append(f"{info['name']}: {len(labels)} arm(s){extra} x {len(info['seeds'])} seeds: {', '.join(labels)}")
+        best = info["best_of"]
+        try:
+            tspec = load_spec(_tune_spec(info, Path(out), quick, overrides), overrides)
+            taken, extra_trials = 0, 0
+        except (C.ConfigError, OSError):  # best_of's study not tuned yet
+            tspec = load_spec(_tune_spec({**info, "best_of": None}, Path(out), quick, overrides), overrides)
+            taken = best.get("top", 3) if best else 0
+            own = [a.space for a in tspec.arms if best and [a.cfg.optimizer] == best.get("optimizer")]
+            space = (best.get("space") or (own[0] if own else None)) if best else None
+            size = _grid_size(space) if space else None
+            extra_trials = taken * size if size is not None else None
+        trials = (sum(budget(tspec, a) for a in tspec.arms) + (extra_trials or 0)) * len(tspec.seeds)
+        reporting = (len(tspec.arms) + taken) * len(info["seeds"])
+        unknown |= extra_trials is None
+        totals[0] += trials
+        totals[1] += reporting
+        extra = f" + top {best.get('top', 3)} of {best['study']}" if best else ""
+        lines.append(f"{info['name']}: {len(labels)} arm(s){extra} x {len(info['seeds'])} seeds; runs: {trials}"
+                     f"{'+?' if extra_trials is None else ''} tuning + {reporting} reporting: {', '.join(labels)}")
+    lines.append(f"total: {totals[0]}{'+?' if unknown else ''} tuning + {totals[1]} reporting runs")
     return lines
 
 

@@ -51,10 +51,16 @@ def test_a_study_tunes_then_reports_and_its_quick_subset_gives_the_same_numbers(
         STUDY.format(name="ewc", extra='best_of = { study = "naive", optimizer = ["adam_cm"], top = 1 }', root=root,
                      strategy="ewc", base="ewc_lambda = 10.0")
         + '[[grid]]\noptimizer = ["adam"]\n[grid.space]\nlr = [0.0003, 0.003]\n')
-    assert cli(["study", str(studies), "--dry-run"]) == 0
-    assert "naive: 3 arm(s)" in capsys.readouterr().out
     out = tmp_path / "full"
+    assert cli(["study", str(studies), "--dry-run", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "naive: 3 arm(s) x 2 seeds; runs: 6 tuning + 6 reporting" in printed
+    assert "ewc: 1 arm(s) + top 1 of naive x 2 seeds; runs: 2+? tuning + 4 reporting" in printed  # naive not tuned yet
+    assert printed.strip().splitlines()[-1] == "total: 8+? tuning + 10 reporting runs"
     assert cli(["study", str(studies), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli(["study", str(studies), "--dry-run", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "total: 10 tuning + 10 reporting runs"
     tuned = tomllib.loads((out / "tuning" / "naive" / "tuned.toml").read_text())
     best_cm = max((a for a in tuned["arm"] if "adam_cm" in a["label"]), key=lambda a: a["validation_acc"])
     ewc = tomllib.loads((out / "tuning" / "ewc" / "tuned.toml").read_text())
