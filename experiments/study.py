@@ -31,6 +31,7 @@ resumed from their checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,10 @@ def set_aside_retuned_runs(sweep: dict[str, Any], results: Path, tune_dir: Path,
         if all(recorded.get(k) == getattr(cell, k) for k in tuned_keys(cell)):
             continue
         target = earlier_folder(tune_dir, new=False) / "results" / Path(cell.out).relative_to(results)
+        for k in itertools.count(2):  # never onto a run set aside before
+            if not target.exists():
+                break
+            target = target.with_name(f"{Path(cell.out).name}-{k}")
         target.parent.mkdir(parents=True, exist_ok=True)
         Path(cell.out).rename(target)
         moved.append(target)
