@@ -588,19 +588,14 @@ def has_moments(optimizer: str) -> bool:
 def apply_recipe(cfg: RunConfig) -> RunConfig:
     """The settings of ``cfg.recipe`` (:data:`strategies.names.RECIPES`)
     where ``cfg`` leaves them at their defaults; a ConfigError where it gives
-    another value."""
+    another value (:func:`check_recipe_given`, over the settings ``cfg``
+    sets away from their defaults)."""
     if cfg.recipe is None:
         return cfg
-    check_choice("recipe", cfg.recipe, tuple(RECIPES))
-    changes = {}
-    for key, value in RECIPES[cfg.recipe].items():
-        given = getattr(cfg, key)
-        if given is None or given == getattr(RunConfig, key):
-            changes[key] = value
-        elif given != value:
-            raise ConfigError(f"recipe {cfg.recipe} sets {key} = {value!r}, but {key} = {given!r} was given; "
-                              "drop one of them")
-    return dataclasses.replace(cfg, **changes)
+    keys = RECIPES[cfg.recipe] if cfg.recipe in RECIPES else {}
+    unset = {k for k in keys if getattr(cfg, k) is None or getattr(cfg, k) == getattr(RunConfig, k)}
+    check_recipe_given({"recipe": cfg.recipe, **{k: getattr(cfg, k) for k in keys if k not in unset}}, "settings")
+    return dataclasses.replace(cfg, **{k: RECIPES[cfg.recipe][k] for k in unset})
 
 
 def resolve(cfg: RunConfig) -> RunConfig:

@@ -122,6 +122,13 @@ def arm_grid(cfg: C.RunConfig, base: dict[str, Any]) -> dict[str, list]:
     return grid
 
 
+def best_of_space(best: dict[str, Any], arms, optimizer: str | None, recorded=None) -> dict[str, Any] | None:
+    """The search space of an arm that ``best`` (best_of) takes: best_of's
+    ``space``, else that of this file's arms of its ``optimizer``, else the
+    one ``recorded`` in the other study's tuned.toml (None: not known)."""
+    return best.get("space") or next((a.space for a in arms if a.cfg.optimizer == optimizer), recorded)
+
+
 def _tune_spec(info: dict[str, Any], out: Path, quick: bool, overrides) -> dict[str, Any]:
     """The tune file of a study: its own arms, plus those chosen from another
     study by validation score (``best_of``), restricted to the quick arms with
@@ -145,8 +152,7 @@ def _tune_spec(info: dict[str, Any], out: Path, quick: bool, overrides) -> dict[
             # searched over best_of's space, else this file's space for its optimizer, else the one it was chosen from
             settings = {k: v for k, v in chosen["settings"].items() if k in C.ARM_FIELDS}
             cfg = C.from_mapping({**base, **settings, "strategy": strategies[0]}, "best_of")
-            space = best.get("space") or next((a.space for a in arms if a.cfg.optimizer == cfg.optimizer),
-                                              chosen.get("space"))
+            space = best_of_space(best, arms, cfg.optimizer, chosen.get("space"))
             if not space:
                 raise C.ConfigError(f"{info['name']}: best_of arm {chosen.get('label', cfg.optimizer)!r} has no "
                                     f"search space: give best_of a space, or this file a [[grid]] of optimizer "
@@ -293,16 +299,15 @@ def describe(target: str | Path, overrides=None, quick: bool = False, out: str |
         if quick:
             labels = [label for label in labels if label in info["quick"]]
         best = info["best_of"]
-        try:
+        if not best or (Path(out) / "tuning" / best["study"] / "tuned.toml").exists():
             tspec = load_spec(_tune_spec(info, Path(out), quick, overrides), overrides)
             taken, extra_trials = 0, 0
-        except (C.ConfigError, OSError):  # best_of's study not tuned yet
+        else:  # best_of's study not tuned yet: its arms are not chosen, their optimizer known if only one is allowed
             tspec = load_spec(_tune_spec({**info, "best_of": None}, Path(out), quick, overrides), overrides)
-            taken = best.get("top", 3) if best else 0
-            own = [a.space for a in tspec.arms if best and [a.cfg.optimizer] == best.get("optimizer")]
-            space = (best.get("space") or (own[0] if own else None)) if best else None
-            size = _grid_size(space) if space else None
-            extra_trials = taken * size if size is not None else None
+            taken = best.get("top", 3)
+            optimizers = best.get("optimizer", C.BUFFERED)
+            space = best_of_space(best, tspec.arms, optimizers[0] if len(optimizers) == 1 else None)
+            extra_trials = taken * _grid_size(space) if space and _grid_size(space) is not None else None
         trials = (sum(budget(tspec, a) for a in tspec.arms) + (extra_trials or 0)) * len(tspec.seeds)
         reporting = (len(tspec.arms) + taken) * len(info["seeds"])
         unknown |= extra_trials is None
