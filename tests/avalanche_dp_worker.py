@@ -5,7 +5,6 @@ reference: with Avalanche in single-process mode and no DataParallelPlugin,
 every rank trains alone). Rank 0 writes the comparisons to a JSON file."""
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import warnings
@@ -22,6 +21,7 @@ from avalanche.training.plugins import EvaluationPlugin
 
 from cl_cm import has_buffer
 from strategies import DataParallelPlugin, avalanche_as_single_process, make_optimizer, make_strategy
+from tests.distributed_worker import finish
 from tests.fakedata import write_mnist
 
 # (strategy, optimizer, multi-head, batch): batch 25 splits 13/12 and leaves a
@@ -106,11 +106,7 @@ def main(out_path: str) -> None:
         results["wrong_order"] = "not detected"
     except ValueError as e:
         results["wrong_order"] = str(e)
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(results, out_path)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the same global batches. Rank 0 writes the comparisons to a JSON file."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 
@@ -80,6 +81,23 @@ def fsdp(net):
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
     return fully_shard(net)
+
+
+def finish(results: dict, out_path: str) -> None:
+    """Rank 0 writes ``results``; every rank leaves the process group and
+    exits without interpreter finalization. A Gloo worker thread can still
+    be releasing its last collective (FSDP2's coalesced all-gather, whose
+    tensors are Python objects) when the interpreter shuts down; taking the
+    GIL then aborts the process (SIGABRT, "terminate called without an
+    active exception") although every result was computed and written."""
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(out_path: str) -> None:
@@ -161,11 +179,7 @@ def main(out_path: str) -> None:
     opt2.load_state_dict(torch.load(f"{folder[0]}/optimizer-rank{rank}.pt", weights_only=True))
     train(second, opt2, 10, start=12, shard=(rank, world))
     results["fsdp_checkpoint"] = float((full_params(second) - full_params(straight)).abs().max())
-
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
+    finish(results, out_path)
 
 
 if __name__ == "__main__":
