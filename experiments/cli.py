@@ -130,6 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--data-root", help="overrides [base] data_root")
     study.add_argument("--device", help="overrides [base] device")
     study.add_argument("--dry-run", action="store_true", help="list the studies and their arms, and exit")
+    study.add_argument("--timings", action="store_true", help="print what each study file took under --out (runs, "
+                       "wall and training minutes), and exit")
     study.add_argument("--new-journal", action="store_true", help=NEW_JOURNAL_HELP)
     _executor_arguments(study)
 
@@ -206,12 +208,15 @@ def main(argv=None) -> int:
                     return 0
                 return _sweep(args) if args.command == "sweep" else _supervised(args)
         elif args.command == "study":
-            from .study import describe, run_study
+            from .study import describe, run_study, timings
 
             _check_count("--jobs", args.jobs)
             overrides = _overrides(args)
             if args.dry_run:
                 print("\n".join(describe(args.target, overrides, args.quick, args.out)))
+                return 0
+            if args.timings:
+                print("\n".join(timings(args.target, args.out)))
                 return 0
             executor = _executor(args)
             with executor or contextlib.nullcontext():

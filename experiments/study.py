@@ -320,4 +320,33 @@ def describe(target: str | Path, overrides=None, quick: bool = False, out: str |
     return lines
 
 
-__all__ = ["run_study", "study_files", "describe"]
+def timings(target: str | Path, out: str | Path = "runs/study") -> list[str]:
+    """What each study file of ``target`` cost under ``out`` (for --timings):
+    its finished tuning trials and reporting runs, the wall time from the
+    first run's ``config.json`` (written when a run starts) to the last
+    ``metrics.json`` (written when it ends), by the files' modification
+    times, and the training time the runs record (``train_seconds``
+    summed); then a total line. A study stopped and resumed counts its pause
+    in the wall time. Runs that ``--new-journal`` set aside are not counted."""
+    from .io import read_json
+
+    lines, total = [], [0, 0, 0.0, 0.0]
+    for info in (_settings(p) for p in study_files(target)):
+        folders = [Path(out) / "tuning" / info["name"] / "trials", Path(out) / "results" / info["name"]]
+        done = [sorted(f.rglob("metrics.json")) if f.is_dir() else [] for f in folders]
+        if not done[0] and not done[1]:
+            lines.append(f"{info['name']}: no finished run in {out}")
+            continue
+        started = min(c.stat().st_mtime for f in folders if f.is_dir() for c in f.rglob("config.json"))
+        wall = (max(m.stat().st_mtime for ms in done for m in ms) - started) / 60
+        train = sum(t for ms in done for m in ms
+                    if isinstance(t := read_json(m).get("train_seconds"), (int, float))) / 60
+        total = [total[0] + len(done[0]), total[1] + len(done[1]), total[2] + wall, total[3] + train]
+        lines.append(f"{info['name']}: {len(done[0])} trials + {len(done[1])} reporting runs; "
+                     f"wall {wall:.1f} min, training {train:.1f} min")
+    lines.append(f"total: {total[0]} trials + {total[1]} reporting runs; wall {total[2]:.1f} min "
+                 f"({total[2] / 60:.2f} h), training {total[3]:.1f} min")
+    return lines
+
+
+__all__ = ["run_study", "study_files", "describe", "timings"]

@@ -102,7 +102,7 @@ def lock_holder(folder: Path) -> int | None:
     return None
 
 
-def wait_for(condition, what: str, timeout: float = 120.0):
+def wait_for(condition, what: str, timeout: float = 300.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
         found = condition()

@@ -2,6 +2,7 @@
 chosen from another study by validation score, and the --quick subset."""
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -70,6 +71,23 @@ def test_a_study_tunes_then_reports_and_its_quick_subset_gives_the_same_numbers(
     metrics = sorted((out / "results").rglob("metrics.json"))
     assert len(metrics) == 2 * 3 + 2 * 2 and all(read_json(m)["eval_split"] == "test" for m in metrics)
     assert (out / "results" / "report" / "report.md").exists()
+    # --timings: runs on disk, wall time from the first config.json to the last metrics.json, training summed
+    train = {}
+    for name, start, minutes in (("naive", 1.0e9, 1.5), ("ewc", 2.0e9, 3.0)):
+        folders = [out / "tuning" / name / "trials", out / "results" / name]
+        for config in (c for f in folders for c in f.rglob("config.json")):
+            os.utime(config, (start, start))
+        metrics = sorted(m for f in folders for m in f.rglob("metrics.json"))
+        for k, m in enumerate(metrics):
+            os.utime(m, (start + 60 * minutes * k / (len(metrics) - 1),) * 2)
+        train[name] = sum(read_json(m)["train_seconds"] for m in metrics) / 60
+    assert cli(["study", str(studies), "--out", str(out), "--timings"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"naive: 6 trials + 6 reporting runs; wall 1.5 min, training {train['naive']:.1f} min",
+        f"ewc: 4 trials + 4 reporting runs; wall 3.0 min, training {train['ewc']:.1f} min",
+        f"total: 10 trials + 10 reporting runs; wall 4.5 min (0.07 h), training {sum(train.values()):.1f} min"]
+    assert cli(["study", str(studies), "--out", str(tmp_path / "none"), "--timings"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"naive: no finished run in {tmp_path / 'none'}"
     # the quick subset: the same grids and seeds for its arms, hence the same numbers
     quick = tmp_path / "quick"
     assert cli(["study", str(studies), "--out", str(quick), "--quick"]) == 0
