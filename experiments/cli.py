@@ -129,8 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--quick", action="store_true", help="only the arms each study lists as quick")
     study.add_argument("--data-root", help="overrides [base] data_root")
     study.add_argument("--device", help="overrides [base] device")
-    study.add_argument("--dry-run", action="store_true", help="list the studies and their arms, and exit")
-    study.add_argument("--timings", action="store_true", help="print what each study file took under --out (runs, "
+    looks = study.add_mutually_exclusive_group()
+    looks.add_argument("--dry-run", action="store_true", help="list the studies and their arms, and exit")
+    looks.add_argument("--timings", action="store_true", help="print what each study file took under --out (runs, "
                        "wall and training minutes), and exit")
     study.add_argument("--new-journal", action="store_true", help=NEW_JOURNAL_HELP)
     _executor_arguments(study)
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
                 print("\n".join(describe(args.target, overrides, args.quick, args.out)))
                 return 0
             if args.timings:
-                print("\n".join(timings(args.target, args.out)))
+                print("\n".join(timings(args.target, args.out, args.quick)))
                 return 0
             executor = _executor(args)
             with executor or contextlib.nullcontext():

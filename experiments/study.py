@@ -320,33 +320,50 @@ def describe(target: str | Path, overrides=None, quick: bool = False, out: str |
     return lines
 
 
-def timings(target: str | Path, out: str | Path = "runs/study") -> list[str]:
-    """What each study file of ``target`` cost under ``out`` (for --timings):
-    its finished tuning trials and reporting runs, the wall time from the
-    first run's ``config.json`` (written when a run starts) to the last
+def timings(target: str | Path, out: str | Path = "runs/study", quick: bool = False) -> list[str]:
+    """What each study file of ``target`` cost under ``out`` (for --timings;
+    with ``quick``, the files that have quick arms): its finished tuning
+    trials (runs of one tuning seed, those of earlier grids that
+    ``--new-journal`` keeps included) and reporting runs, the wall time from
+    the first run's ``config.json`` (written when a run starts) to the last
     ``metrics.json`` (written when it ends), by the files' modification
     times, and the training time the runs record (``train_seconds``
     summed); then a total line. A study stopped and resumed counts its pause
-    in the wall time. Runs that ``--new-journal`` set aside are not counted."""
-    from .io import read_json
-
+    in the wall time. Reporting runs set aside by ``--new-journal`` are not
+    counted."""
     lines, total = [], [0, 0, 0.0, 0.0]
     for info in (_settings(p) for p in study_files(target)):
-        folders = [Path(out) / "tuning" / info["name"] / "trials", Path(out) / "results" / info["name"]]
-        done = [sorted(f.rglob("metrics.json")) if f.is_dir() else [] for f in folders]
-        if not done[0] and not done[1]:
+        if quick and not info["quick"]:
+            continue
+        folders = [f for f in (Path(out) / "tuning" / info["name"] / "trials", Path(out) / "results" / info["name"])
+                   if f.is_dir()]
+        done = [sorted(f.rglob("metrics.json")) for f in folders]
+        ends = [m.stat().st_mtime for ms in done for m in ms]
+        if not ends:
             lines.append(f"{info['name']}: no finished run in {out}")
             continue
-        started = min(c.stat().st_mtime for f in folders if f.is_dir() for c in f.rglob("config.json"))
-        wall = (max(m.stat().st_mtime for ms in done for m in ms) - started) / 60
-        train = sum(t for ms in done for m in ms
-                    if isinstance(t := read_json(m).get("train_seconds"), (int, float))) / 60
-        total = [total[0] + len(done[0]), total[1] + len(done[1]), total[2] + wall, total[3] + train]
-        lines.append(f"{info['name']}: {len(done[0])} trials + {len(done[1])} reporting runs; "
+        started = min((c.stat().st_mtime for f in folders for c in f.rglob("config.json")), default=min(ends))
+        wall = (max(ends) - started) / 60
+        train = sum(_train_seconds(m) for ms in done for m in ms) / 60
+        runs = [len(ms) for ms in done] + [0] * (2 - len(done))
+        total = [total[0] + runs[0], total[1] + runs[1], total[2] + wall, total[3] + train]
+        lines.append(f"{info['name']}: {runs[0]} trials + {runs[1]} reporting runs; "
                      f"wall {wall:.1f} min, training {train:.1f} min")
     lines.append(f"total: {total[0]} trials + {total[1]} reporting runs; wall {total[2]:.1f} min "
                  f"({total[2] / 60:.2f} h), training {total[3]:.1f} min")
     return lines
+
+
+def _train_seconds(metrics: Path) -> float:
+    """The training seconds a finished run records (0 where it records none)."""
+    from .io import read_json
+
+    try:
+        value = read_json(metrics)
+    except (OSError, ValueError) as e:
+        raise C.ConfigError(f"{metrics} is not readable JSON ({e}); delete that run's folder to run it again") from None
+    value = value.get("train_seconds") if isinstance(value, dict) else None
+    return float(value) if C.is_number(value) else 0.0
 
 
 __all__ = ["run_study", "study_files", "describe", "timings"]

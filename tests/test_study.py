@@ -88,6 +88,11 @@ def test_a_study_tunes_then_reports_and_its_quick_subset_gives_the_same_numbers(
         f"total: 10 trials + 10 reporting runs; wall 4.5 min (0.07 h), training {sum(train.values()):.1f} min"]
     assert cli(["study", str(studies), "--out", str(tmp_path / "none"), "--timings"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == f"naive: no finished run in {tmp_path / 'none'}"
+    broken = tmp_path / "broken" / "results" / "naive" / "run"
+    broken.mkdir(parents=True)
+    (broken / "metrics.json").write_text("{")
+    assert cli(["study", str(studies), "--out", str(tmp_path / "broken"), "--timings"]) == 2
+    assert "metrics.json is not readable JSON" in capsys.readouterr().err
     # the quick subset: the same grids and seeds for its arms, hence the same numbers
     quick = tmp_path / "quick"
     assert cli(["study", str(studies), "--out", str(quick), "--quick"]) == 0
