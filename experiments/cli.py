@@ -134,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     looks.add_argument("--timings", action="store_true", help="print what each study file took under --out (runs, "
                        "wall and training minutes), and exit")
     study.add_argument("--new-journal", action="store_true", help=NEW_JOURNAL_HELP)
+    study.add_argument("--tune-seeds", type=int, nargs="+", metavar="SEED",
+                       help="tune every arm over these seeds (a trial's score: their mean validation ACC) in place of "
+                            "each file's [tune] seeds; over a study tuned before, with --new-journal")
     _executor_arguments(study)
 
     sup = sub.add_parser("supervised", help="CIFAR-10/100 or Penn Treebank training, the paper's benchmarks",
@@ -214,7 +217,7 @@ def main(argv=None) -> int:
             _check_count("--jobs", args.jobs)
             overrides = _overrides(args)
             if args.dry_run:
-                print("\n".join(describe(args.target, overrides, args.quick, args.out)))
+                print("\n".join(describe(args.target, overrides, args.quick, args.out, args.tune_seeds)))
                 return 0
             if args.timings:
                 print("\n".join(timings(args.target, args.out, args.quick)))
@@ -222,7 +225,8 @@ def main(argv=None) -> int:
             executor = _executor(args)
             with executor or contextlib.nullcontext():
                 summary = run_study(args.target, args.out, args.jobs if executor else args.jobs or 1, args.quick,
-                                    overrides, executor=executor, new_journal=args.new_journal)
+                                    overrides, executor=executor, new_journal=args.new_journal,
+                                    tune_seeds=args.tune_seeds)
             print(f"study: {sum(s['runs'] for s in summary['studies'])} reported runs, "
                   f"{summary['runs_failed']} failed, {summary['seconds'] / 60:.1f} min")
             return 1 if summary["runs_failed"] else 0

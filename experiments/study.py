@@ -103,6 +103,15 @@ def _settings(path: Path) -> dict[str, Any]:
     return {"spec": spec, "name": name, "seeds": seeds, "quick": quick, "best_of": best}
 
 
+def _with_tune_seeds(infos: list[dict[str, Any]], seeds: list[int] | None) -> list[dict[str, Any]]:
+    """The study files with their [tune] seeds replaced by ``seeds`` (--tune-seeds), if given."""
+    if seeds is None:
+        return infos
+    if not seeds or not all(C.is_number(s, integer=True) and 0 <= s <= C.MAX_SEED for s in seeds):
+        raise C.ConfigError(f"--tune-seeds must be integers in [0, {C.MAX_SEED}], got {list(seeds)}")
+    return [{**i, "spec": {**i["spec"], "tune": {**i["spec"].get("tune", {}), "seeds": list(seeds)}}} for i in infos]
+
+
 #: the keys of [study] best_of
 BEST_OF_KEYS = ("study", "optimizer", "top", "space")
 
@@ -176,9 +185,10 @@ def _labels(spec: dict[str, Any], overrides) -> list[str]:
 
 def run_study(target: str | Path, out: str | Path = "runs/study", jobs: int = 1, quick: bool = False,
               overrides: dict[str, Any] | None = None, report: bool = True, executor=None,
-              new_journal: bool = False) -> dict[str, Any]:
+              new_journal: bool = False, tune_seeds: list[int] | None = None) -> dict[str, Any]:
     """Tune, then run, every study file of ``target`` on ``executor`` (default:
-    this machine, ``jobs`` processes); returns a summary."""
+    this machine, ``jobs`` processes), its trials over ``tune_seeds`` in
+    place of each file's [tune] seeds if given; returns a summary."""
     from .io import write_text
     from .sweep import run_sweep
     from .tuning import _toml, tune
@@ -187,7 +197,7 @@ def run_study(target: str | Path, out: str | Path = "runs/study", jobs: int = 1,
 
     out = Path(out)
     files = study_files(target)
-    infos = [_settings(p) for p in files]
+    infos = _with_tune_seeds([_settings(p) for p in files], tune_seeds)
     names = [i["name"] for i in infos]
     if len(set(names)) != len(names):
         raise C.ConfigError(f"study names must differ: {names}")
@@ -282,7 +292,8 @@ def _spec_toml(spec: dict[str, Any], toml) -> str:
     return "\n".join(lines)
 
 
-def describe(target: str | Path, overrides=None, quick: bool = False, out: str | Path = "runs/study") -> list[str]:
+def describe(target: str | Path, overrides=None, quick: bool = False, out: str | Path = "runs/study",
+             tune_seeds: list[int] | None = None) -> list[str]:
     """One line per study file: its arms and the runs it takes (tuning trials
     × tuning seeds, reporting arms × seeds), and a total line (for --dry-run).
     The arms of ``best_of`` are counted from the other study's tuned.toml
@@ -291,7 +302,7 @@ def describe(target: str | Path, overrides=None, quick: bool = False, out: str |
     from .tuning import _grid_size, budget, load_spec
 
     lines, totals, unknown = [], [0, 0], False
-    for info in (_settings(p) for p in study_files(target)):
+    for info in _with_tune_seeds([_settings(p) for p in study_files(target)], tune_seeds):
         if quick and not info["quick"]:
             continue
         spec = {k: v for k, v in info["spec"].items() if k != "study"}

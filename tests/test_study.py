@@ -202,3 +202,29 @@ def test_a_widened_grid_retunes_with_new_journal_and_reruns_only_the_arms_whose_
     old = list((out / "tuning" / "naive" / "earlier" / "1" / "results").rglob("config.json"))
     assert len(old) == 2 and all(read_json(p)["config"]["lr"] == 0.0003 for p in old)
     assert all(p.parent.joinpath("metrics.json").exists() for p in results.rglob("config.json"))
+
+
+def test_tune_seeds_replace_each_files_tuning_seeds_and_finished_trials_are_reused(tmp_path, capsys):
+    root = write_mnist(tmp_path / "data", n_train=300, n_test=100)
+    study = tmp_path / "10_naive.toml"
+    study.write_text(STUDY.format(name="naive", extra="", root=root, strategy="naive", base="")
+                     + '[[grid]]\noptimizer = ["adam"]\n[grid.space]\nlr = [0.0003, 0.003]\n')
+    out = tmp_path / "out"
+    assert cli(["study", str(study), "--out", str(out)]) == 0
+    trials = out / "tuning" / "naive" / "trials"
+    first = {p: p.stat().st_mtime_ns for p in trials.rglob("metrics.json")}
+    assert len(first) == 2 and {p.parent.name for p in first} == {"seed7"}
+    capsys.readouterr()
+    assert cli(["study", str(study), "--out", str(out), "--dry-run", "--tune-seeds", "7", "8"]) == 0
+    assert "runs: 4 tuning + 2 reporting" in capsys.readouterr().out
+    assert cli(["study", str(study), "--out", str(out), "--tune-seeds", "7", "8"]) == 2
+    assert "--new-journal" in capsys.readouterr().err
+    assert cli(["study", str(study), "--out", str(out), "--tune-seeds", "7", "8", "--new-journal"]) == 0
+    now = {p: p.stat().st_mtime_ns for p in trials.rglob("metrics.json")}
+    assert len(now) == 4 and {p.parent.name for p in now} == {"seed7", "seed8"}
+    assert all(now[p] == t for p, t in first.items())  # the seed-7 trials are read, not run again
+    tuned = tomllib.loads((out / "tuning" / "naive" / "tuned.toml").read_text())
+    assert tuned["tune"]["seeds"] == [7, 8] and len(tuned["arm"][0]["validation_acc_per_seed"]) == 2
+    capsys.readouterr()
+    assert cli(["study", str(study), "--out", str(tmp_path / "o2"), "--tune-seeds", "-1"]) == 2
+    assert "--tune-seeds must be integers" in capsys.readouterr().err and not (tmp_path / "o2").exists()
