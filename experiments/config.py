@@ -356,6 +356,17 @@ def toy_configs(args: argparse.Namespace) -> list[ToyConfig]:
             for sharpness in (args.sharpness if landscape == "sharp_wide" else args.sharpness[:1])
             for seed in args.seeds]
 
+def check_seeds(seeds, what: str, alternative: str = "") -> list[int]:
+    """``seeds`` if it is a non-empty list of integers in [0, MAX_SEED]; else a
+    ConfigError naming ``what`` (a flag, or a file's table and key) and any
+    ``alternative`` form it also takes."""
+    if not isinstance(seeds, list) or not seeds or not all(is_number(s, integer=True) and 0 <= s <= MAX_SEED
+                                                            for s in seeds):
+        raise ConfigError(f"{what} must be a non-empty list of integers in [0, {MAX_SEED}]{alternative}, "
+                          f"got {seeds!r}")
+    return seeds
+
+
 def is_number(value, integer: bool = False) -> bool:
     """A finite int (or, unless ``integer``, float or an int that a float holds), not a bool."""
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):

@@ -74,11 +74,7 @@ def _settings(path: Path) -> dict[str, Any]:
     if "name" not in study:
         raise C.ConfigError(f"{path}: [study] needs a name (its folder)")
     name = folder_name(study["name"], f"{path}: [study] name")
-    seeds = study.get("seeds", [0, 1, 2, 3, 4])
-    if not isinstance(seeds, list) or not seeds or not all(
-            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= C.MAX_SEED for s in seeds):
-        raise C.ConfigError(f"{path}: [study] seeds must be a non-empty list of integers in [0, {C.MAX_SEED}], "
-                            f"got {seeds!r}")
+    seeds = C.check_seeds(study.get("seeds", [0, 1, 2, 3, 4]), f"{path}: [study] seeds")
     quick = study.get("quick")
     if quick is not None and (not isinstance(quick, list) or not all(isinstance(q, str) for q in quick)):
         raise C.ConfigError(f"{path}: [study] quick must be a list of arm labels, e.g. [\"adam\"], got {quick!r}")
@@ -100,16 +96,17 @@ def _settings(path: Path) -> dict[str, Any]:
             raise C.ConfigError(f"{path}: [study] best_of optimizer must be a non-empty list, got {optimizers!r}")
         for name_ in optimizers:
             C.check_choice("optimizer in [study] best_of", name_, C.BUFFERED)
-    return {"spec": spec, "name": name, "seeds": seeds, "quick": quick, "best_of": best}
+    return {"spec": spec, "name": name, "seeds": seeds, "quick": quick, "best_of": best, "path": path}
 
 
-def _with_tune_seeds(infos: list[dict[str, Any]], seeds: list[int] | None) -> list[dict[str, Any]]:
-    """The study files with their [tune] seeds replaced by ``seeds`` (--tune-seeds), if given."""
-    if seeds is None:
+def _infos(target: str | Path, tune_seeds: list[int] | None = None) -> list[dict[str, Any]]:
+    """The study files of ``target``, read; with ``tune_seeds`` (--tune-seeds)
+    in place of each file's [tune] seeds."""
+    infos = [_settings(p) for p in study_files(target)]
+    if tune_seeds is None:
         return infos
-    if not seeds or not all(C.is_number(s, integer=True) and 0 <= s <= C.MAX_SEED for s in seeds):
-        raise C.ConfigError(f"--tune-seeds must be integers in [0, {C.MAX_SEED}], got {list(seeds)}")
-    return [{**i, "spec": {**i["spec"], "tune": {**i["spec"].get("tune", {}), "seeds": list(seeds)}}} for i in infos]
+    seeds = C.check_seeds(list(tune_seeds), "--tune-seeds")
+    return [{**i, "spec": {**i["spec"], "tune": {**i["spec"].get("tune", {}), "seeds": seeds}}} for i in infos]
 
 
 #: the keys of [study] best_of
@@ -189,15 +186,12 @@ def run_study(target: str | Path, out: str | Path = "runs/study", jobs: int = 1,
     """Tune, then run, every study file of ``target`` on ``executor`` (default:
     this machine, ``jobs`` processes), its trials over ``tune_seeds`` in
     place of each file's [tune] seeds if given; returns a summary."""
-    from .io import write_text
+    from .io import check_out, write_text
     from .sweep import run_sweep
     from .tuning import _toml, tune
 
-    from .io import check_out
-
     out = Path(out)
-    files = study_files(target)
-    infos = _with_tune_seeds([_settings(p) for p in files], tune_seeds)
+    infos = _infos(target, tune_seeds)
     names = [i["name"] for i in infos]
     if len(set(names)) != len(names):
         raise C.ConfigError(f"study names must differ: {names}")
@@ -209,7 +203,7 @@ def run_study(target: str | Path, out: str | Path = "runs/study", jobs: int = 1,
             _tune_spec(info, out, quick, overrides)
     started = time.perf_counter()
     summary: dict[str, Any] = {"studies": [], "runs_failed": 0}
-    for info, path in zip(infos, files):
+    for info in infos:
         if quick and not info["quick"]:
             continue
         spec = _tune_spec(info, out, quick, overrides)
@@ -217,7 +211,7 @@ def run_study(target: str | Path, out: str | Path = "runs/study", jobs: int = 1,
         tune_file = tune_dir / "study-tune.toml"
         tune_dir.mkdir(parents=True, exist_ok=True)
         write_text(tune_file, _spec_toml(spec, _toml))
-        print(f"study {info['name']}: tuning ({path})", flush=True)
+        print(f"study {info['name']}: tuning ({info['path']})", flush=True)
         tuned = tune(tune_file, out=str(tune_dir), jobs=jobs, overrides=overrides, executor=executor,
                      new_journal=new_journal)
         sweep = {"base": {**spec.get("base", {}), "tuned": str(tuned)},
@@ -302,7 +296,7 @@ def describe(target: str | Path, overrides=None, quick: bool = False, out: str |
     from .tuning import _grid_size, budget, load_spec
 
     lines, totals, unknown = [], [0, 0], False
-    for info in _with_tune_seeds([_settings(p) for p in study_files(target)], tune_seeds):
+    for info in _infos(target, tune_seeds):
         if quick and not info["quick"]:
             continue
         spec = {k: v for k, v in info["spec"].items() if k != "study"}
@@ -318,7 +312,8 @@ def describe(target: str | Path, overrides=None, quick: bool = False, out: str |
             taken = best.get("top", 3)
             optimizers = best.get("optimizer", C.BUFFERED)
             space = best_of_space(best, tspec.arms, optimizers[0] if len(optimizers) == 1 else None)
-            extra_trials = taken * _grid_size(space) if space and _grid_size(space) is not None else None
+            size = _grid_size(space) if space else None
+            extra_trials = taken * size if size is not None else None
         trials = (sum(budget(tspec, a) for a in tspec.arms) + (extra_trials or 0)) * len(tspec.seeds)
         reporting = (len(tspec.arms) + taken) * len(info["seeds"])
         unknown |= extra_trials is None
@@ -342,39 +337,38 @@ def timings(target: str | Path, out: str | Path = "runs/study", quick: bool = Fa
     summed); then a total line. A study stopped and resumed counts its pause
     in the wall time. Reporting runs set aside by ``--new-journal`` are not
     counted."""
+    from .results import _read_metrics
+
     lines, total = [], [0, 0, 0.0, 0.0]
-    for info in (_settings(p) for p in study_files(target)):
+    for info in _infos(target):
         if quick and not info["quick"]:
             continue
-        folders = [f for f in (Path(out) / "tuning" / info["name"] / "trials", Path(out) / "results" / info["name"])
-                   if f.is_dir()]
-        done = [sorted(f.rglob("metrics.json")) for f in folders]
+        runs = [_files_by_name(Path(out) / "tuning" / info["name"] / "trials"),
+                _files_by_name(Path(out) / "results" / info["name"])]
+        done = [r["metrics.json"] for r in runs]
         ends = [m.stat().st_mtime for ms in done for m in ms]
         if not ends:
             lines.append(f"{info['name']}: no finished run in {out}")
             continue
-        started = min((c.stat().st_mtime for f in folders for c in f.rglob("config.json")), default=min(ends))
+        started = min((c.stat().st_mtime for r in runs for c in r["config.json"]), default=min(ends))
         wall = (max(ends) - started) / 60
-        train = sum(_train_seconds(m) for ms in done for m in ms) / 60
-        runs = [len(ms) for ms in done] + [0] * (2 - len(done))
-        total = [total[0] + runs[0], total[1] + runs[1], total[2] + wall, total[3] + train]
-        lines.append(f"{info['name']}: {runs[0]} trials + {runs[1]} reporting runs; "
+        train = sum(seconds for ms in done for m in ms
+                    if C.is_number(seconds := _read_metrics(m).get("train_seconds"))) / 60
+        total = [total[0] + len(done[0]), total[1] + len(done[1]), total[2] + wall, total[3] + train]
+        lines.append(f"{info['name']}: {len(done[0])} trials + {len(done[1])} reporting runs; "
                      f"wall {wall:.1f} min, training {train:.1f} min")
     lines.append(f"total: {total[0]} trials + {total[1]} reporting runs; wall {total[2]:.1f} min "
                  f"({total[2] / 60:.2f} h), training {total[3]:.1f} min")
     return lines
 
 
-def _train_seconds(metrics: Path) -> float:
-    """The training seconds a finished run records (0 where it records none)."""
-    from .io import read_json
-
-    try:
-        value = read_json(metrics)
-    except (OSError, ValueError) as e:
-        raise C.ConfigError(f"{metrics} is not readable JSON ({e}); delete that run's folder to run it again") from None
-    value = value.get("train_seconds") if isinstance(value, dict) else None
-    return float(value) if C.is_number(value) else 0.0
+def _files_by_name(folder: Path) -> dict[str, list[Path]]:
+    """The config.json and metrics.json files under ``folder`` (none if it is missing), from one walk."""
+    found: dict[str, list[Path]] = {"config.json": [], "metrics.json": []}
+    for path in folder.rglob("*.json") if folder.is_dir() else ():
+        if path.name in found:
+            found[path.name].append(path)
+    return found
 
 
 __all__ = ["run_study", "study_files", "describe", "timings"]

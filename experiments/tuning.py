@@ -182,10 +182,7 @@ def load_spec(path: str | Path | dict, overrides: dict[str, Any] | None = None, 
     seeds = settings.get("seeds", list(DEFAULT_SEEDS))
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = list(range(DEFAULT_SEEDS[0], DEFAULT_SEEDS[0] + seeds))
-    if (not isinstance(seeds, list) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= C.MAX_SEED for s in seeds)):
-        raise C.ConfigError(f"[tune] seeds must be a non-empty list of integers in [0, {C.MAX_SEED}] (or a count "
-                            f">= 1), got {seeds!r}")
+    C.check_seeds(seeds, "[tune] seeds", " (or a count >= 1)")
     trials = trials if trials is not None else settings.get("trials")
     if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
         raise C.ConfigError(f"trials must be an integer >= 1, got {trials!r}")

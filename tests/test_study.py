@@ -3,6 +3,7 @@ chosen from another study by validation score, and the --quick subset."""
 from __future__ import annotations
 
 import os
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -92,7 +93,11 @@ def test_a_study_tunes_then_reports_and_its_quick_subset_gives_the_same_numbers(
     broken.mkdir(parents=True)
     (broken / "metrics.json").write_text("{")
     assert cli(["study", str(studies), "--out", str(tmp_path / "broken"), "--timings"]) == 2
-    assert "metrics.json is not readable JSON" in capsys.readouterr().err
+    assert "metrics.json cannot be read" in capsys.readouterr().err
+    only = tmp_path / "only-results" / "results" / "naive" / "run"  # reporting runs without tuning trials
+    shutil.copytree(next((out / "results" / "naive").rglob("metrics.json")).parent, only)
+    assert cli(["study", str(studies), "--out", str(tmp_path / "only-results"), "--timings"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("naive: 0 trials + 1 reporting runs; ")
     # the quick subset: the same grids and seeds for its arms, hence the same numbers
     quick = tmp_path / "quick"
     assert cli(["study", str(studies), "--out", str(quick), "--quick"]) == 0
@@ -227,4 +232,4 @@ def test_tune_seeds_replace_each_files_tuning_seeds_and_finished_trials_are_reus
     assert tuned["tune"]["seeds"] == [7, 8] and len(tuned["arm"][0]["validation_acc_per_seed"]) == 2
     capsys.readouterr()
     assert cli(["study", str(study), "--out", str(tmp_path / "o2"), "--tune-seeds", "-1"]) == 2
-    assert "--tune-seeds must be integers" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    assert "--tune-seeds must be a non-empty list of integers" in capsys.readouterr().err and not (tmp_path / "o2").exists()
